@@ -1,0 +1,239 @@
+"""Typed pipeline configuration: defaults in code, overrides from YAML, per-run knobs as a dict.
+
+One frozen dataclass per concern, validated on construction. `PipelineConfig.load()` merges
+`config/pipeline.yaml` (or the file named by `ML_CONFIG`) with per-run overrides such as DAG
+params, so the CLI, the DAG and the tests all build the same object the same way.
+
+Secrets never live here: object-store and Kaggle credentials come from the environment or
+from Airflow connections and are passed to the clients directly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ml.errors import ConfigError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG_FILE = REPO_ROOT / "config" / "pipeline.yaml"
+
+PRIMARY_METRICS = ("accuracy", "log_loss")
+LAYOUTS = ("auto", "kaggle", "folders")
+WEIGHT_CHOICES_HELP = "'imagenet', 'none', a local .h5/.keras path, or an s3:// URI"
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    """Where models and run artifacts are published (any S3-compatible store)."""
+
+    bucket: str = "ml-models"
+    model_name: str = "image-classifier"
+    endpoint_url: str | None = None  # None means AWS S3 itself
+    region: str = "us-east-1"
+
+    def __post_init__(self) -> None:
+        _require(bool(self.bucket) and self.bucket == self.bucket.lower(),
+                 f"storage.bucket must be a lower-case S3 bucket name, got {self.bucket!r}")
+        _require(bool(self.model_name) and "/" not in self.model_name,
+                 f"storage.model_name must be a non-empty name without '/', got {self.model_name!r}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """How a dataset is found, read, checked and split."""
+
+    source: str = ""
+    layout: str = "auto"
+    labels_file: str = "labels.csv"
+    id_column: str = "id"
+    label_column: str = "breed"
+    image_dir: str = "train"
+    # Splits are assigned from a hash of each image's bytes, so an image keeps its split
+    # when new data arrives (retrain.py's rule), then topped up so every class is in each.
+    val_percent: float = 15.0
+    test_percent: float = 15.0
+    seed: int = 1337
+    # Quality gate: failing expectations stop the run before training.
+    min_classes: int = 2
+    min_images_per_class: int = 5
+    max_quarantined_fraction: float = 0.05
+    min_width: int = 32
+    min_height: int = 32
+    allowed_labels: tuple[str, ...] | None = None
+    # Warnings: reported, the run goes on.
+    warn_images_per_class: int = 100  # the seeds' rule of thumb
+    warn_imbalance_ratio: float = 3.0
+    # Safety limits for archives and images from the internet.
+    max_archive_bytes: int = 20 * 1024**3  # 20 GiB uncompressed in all
+    max_archive_entries: int = 500_000
+    max_compression_ratio: float = 200.0
+    max_image_pixels: int = 80_000_000  # ~ 9000 x 9000
+
+    def __post_init__(self) -> None:
+        _require(self.layout in LAYOUTS, f"data.layout must be one of {LAYOUTS}, got {self.layout!r}")
+        _require(0 <= self.val_percent < 100 and 0 < self.test_percent < 100
+                 and self.val_percent + self.test_percent < 100,
+                 "data.val_percent and data.test_percent must be in [0, 100) and sum below 100, "
+                 f"got {self.val_percent} and {self.test_percent}")
+        _require(self.min_classes >= 2, f"data.min_classes must be >= 2, got {self.min_classes}")
+        _require(self.min_images_per_class >= 1,
+                 f"data.min_images_per_class must be >= 1, got {self.min_images_per_class}")
+        _require(0 <= self.max_quarantined_fraction <= 1,
+                 f"data.max_quarantined_fraction must be in [0, 1], got {self.max_quarantined_fraction}")
+        _require(self.max_compression_ratio > 1,
+                 f"data.max_compression_ratio must be > 1, got {self.max_compression_ratio}")
+        if self.allowed_labels is not None:
+            object.__setattr__(self, "allowed_labels", tuple(self.allowed_labels))
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Which candidates to train and how."""
+
+    candidates: tuple[str, ...] = ("scratch_small", "transfer_mobilenet_v2")
+    epochs: int = 8
+    image_size: int = 96
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    weights: str = "none"  # WEIGHT_CHOICES_HELP; 'none' is the offline default
+    seed: int = 1337
+    early_stopping_patience: int = 4
+    label_smoothing: float = 0.0
+    augment: bool = True
+    class_weight_threshold: float = 1.5  # imbalance ratio above which classes are re-weighted
+    finetune_top_k: int = 1
+    finetune_epochs: int = 3
+    finetune_lr_factor: float = 0.1  # fine-tuning LR = learning_rate * factor
+    candidate_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        cands = tuple(self.candidates)
+        object.__setattr__(self, "candidates", cands)
+        _require(len(cands) > 0, "train.candidates must name at least one candidate")
+        _require(len(set(cands)) == len(cands), f"train.candidates has duplicates: {list(cands)}")
+        for name in cands:
+            _require(name.startswith(("scratch_", "transfer_")),
+                     f"candidate {name!r} must start with 'scratch_' or 'transfer_'")
+        _require(1 <= self.epochs <= 1000, f"train.epochs must be in [1, 1000], got {self.epochs}")
+        _require(32 <= self.image_size <= 600,
+                 f"train.image_size must be in [32, 600] pixels, got {self.image_size}")
+        _require(1 <= self.batch_size <= 4096, f"train.batch_size must be in [1, 4096], got {self.batch_size}")
+        _require(0 < self.learning_rate < 1, f"train.learning_rate must be in (0, 1), got {self.learning_rate}")
+        _require(bool(self.weights), f"train.weights must be {WEIGHT_CHOICES_HELP}")
+        _require(0 <= self.label_smoothing < 1,
+                 f"train.label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        _require(self.finetune_top_k >= 0, f"train.finetune_top_k must be >= 0, got {self.finetune_top_k}")
+        _require(0 < self.finetune_lr_factor <= 1,
+                 f"train.finetune_lr_factor must be in (0, 1], got {self.finetune_lr_factor}")
+
+    def options_for(self, candidate: str) -> dict[str, Any]:
+        """Per-candidate settings (e.g. MobileNet's alpha) from `candidate_options`."""
+        return dict(self.candidate_options.get(candidate, {}))
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    """When a challenger may replace the production model."""
+
+    metric: str = "accuracy"
+    min_delta: float = 0.01
+    # The very first model has no champion: it must beat chance (1/n_classes) by this much.
+    min_gain_over_chance: float = 0.10
+    min_accuracy: float = 0.0
+    max_log_loss: float | None = None
+    max_class_recall_drop: float | None = 0.25
+    mcnemar_alpha: float | None = None  # None: no significance test
+    force: bool = False
+    allow_label_change: bool = False
+
+    def __post_init__(self) -> None:
+        _require(self.metric in PRIMARY_METRICS,
+                 f"gate.metric must be one of {PRIMARY_METRICS}, got {self.metric!r}")
+        _require(self.min_delta >= 0, f"gate.min_delta must be >= 0, got {self.min_delta}")
+        _require(0 <= self.min_accuracy <= 1, f"gate.min_accuracy must be in [0, 1], got {self.min_accuracy}")
+        if self.mcnemar_alpha is not None:
+            _require(0 < self.mcnemar_alpha < 1,
+                     f"gate.mcnemar_alpha must be in (0, 1) or null, got {self.mcnemar_alpha}")
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """Everything one pipeline run needs, validated."""
+
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    gate: GateConfig = field(default_factory=GateConfig)
+    work_dir: Path = field(default_factory=lambda: Path(os.environ.get("ML_WORK_DIR", REPO_ROOT / ".work")))
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> PipelineConfig:
+        """Build from a nested mapping ({'storage': {...}, 'train': {...}, ...})."""
+        sections = {"storage": StorageConfig, "data": DataConfig, "train": TrainConfig, "gate": GateConfig}
+        unknown = set(raw) - set(sections) - {"work_dir"}
+        _require(not unknown, f"unknown config sections {sorted(unknown)}; allowed: {sorted(sections)} and work_dir")
+        kwargs: dict[str, Any] = {}
+        for name, klass in sections.items():
+            values = dict(raw.get(name) or {})
+            allowed = {f.name for f in dataclasses.fields(klass)}
+            bad = set(values) - allowed
+            _require(not bad, f"unknown keys in config section {name!r}: {sorted(bad)}; allowed: {sorted(allowed)}")
+            try:
+                kwargs[name] = klass(**values)
+            except TypeError as exc:  # wrong value types surface here
+                raise ConfigError(f"invalid config section {name!r}: {exc}") from None
+        if raw.get("work_dir"):
+            kwargs["work_dir"] = Path(raw["work_dir"])
+        return cls(**kwargs)
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> PipelineConfig:
+        """Defaults, then the YAML file (``ML_CONFIG`` or config/pipeline.yaml), then overrides.
+
+        Environment: ``ML_S3_ENDPOINT_URL``, ``ML_S3_BUCKET`` and ``ML_WORK_DIR`` override the
+        file, so a deployment can point the same config at its own store.
+        """
+        import yaml
+
+        file = Path(path or os.environ.get("ML_CONFIG") or DEFAULT_CONFIG_FILE)
+        raw: dict[str, Any] = {}
+        if file.exists():
+            with file.open() as fh:
+                loaded = yaml.safe_load(fh) or {}
+            _require(isinstance(loaded, dict), f"{file} must hold a mapping of sections, got {type(loaded).__name__}")
+            raw = loaded
+        elif path is not None:
+            raise ConfigError(f"config file {file} does not exist")
+        env_storage = {"endpoint_url": os.environ.get("ML_S3_ENDPOINT_URL"), "bucket": os.environ.get("ML_S3_BUCKET")}
+        merged = deep_merge(raw, {"storage": {k: v for k, v in env_storage.items() if v}})
+        if os.environ.get("ML_WORK_DIR"):
+            merged["work_dir"] = os.environ["ML_WORK_DIR"]
+        return cls.from_dict(deep_merge(merged, overrides or {}))
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable copy (for lineage and run reports)."""
+        out = dataclasses.asdict(self)
+        out["work_dir"] = str(self.work_dir)
+        out["train"]["candidate_options"] = {k: dict(v) for k, v in self.train.candidate_options.items()}
+        return out
+
+
+def deep_merge(base: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    """Merge `extra` into a copy of `base`, recursing into nested mappings."""
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out

@@ -1,0 +1,1 @@
+"""Data: sources, layouts, safe extraction, manifest, quality suite, splits, image cache."""
