@@ -1,0 +1,197 @@
+"""A self-contained HTML model card for a published model version.
+
+The card travels with the model (``versions/<version>/model_card.html``), so it embeds its
+figures as base64 data URIs and uses no external assets. Every string that came from data
+(class names, candidate names, sources, reasons) is escaped: labels come from users' files.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from ml.evaluation.leaderboard import esc, html_page, leaderboard_html_table, to_jsonable
+from ml.evaluation.metrics import top_confusions
+from ml.evaluation.report import dataset_section, decision_section, quality_section
+
+log = logging.getLogger(__name__)
+
+_IMAGE_TITLES = {"curves": "Learning curves", "confusion": "Confusion matrix (test split)",
+                 "leaderboard": "Leaderboard"}
+# Cards must stay small enough to open in a browser from the object store.
+_MAX_EMBED_BYTES = 8 * 1024 * 1024
+_N_WORST_CLASSES = 5
+
+
+def _embed_png(path: Path) -> str | None:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        log.warning("model card: cannot read image %s (%s); leaving it out", path, exc)
+        return None
+    if not data.startswith(b"\x89PNG\r\n\x1a\n"):
+        log.warning("model card: %s is not a PNG; leaving it out", path)
+        return None
+    if len(data) > _MAX_EMBED_BYTES:
+        log.warning("model card: %s is %d bytes, over the %d embedding limit; leaving it out",
+                    path, len(data), _MAX_EMBED_BYTES)
+        return None
+    return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
+
+
+def _image_size(lineage: Mapping[str, Any], preprocessing: Mapping[str, Any] | None) -> int | None:
+    for source in (preprocessing or {}, lineage.get("preprocessing") or {}, lineage):
+        if isinstance(source, Mapping) and isinstance(source.get("image_size"), int):
+            return int(source["image_size"])
+    return None
+
+
+def _pct(value: Any) -> str:
+    return f"{value * 100:.1f}%" if isinstance(value, (int, float)) else "-"
+
+
+def _num(value: Any, digits: int = 3) -> str:
+    return f"{value:.{digits}f}" if isinstance(value, (int, float)) else "-"
+
+
+def _per_class_table(per_class: Mapping[str, Mapping[str, Any]]) -> str:
+    rows = sorted(per_class.items(), key=lambda kv: (kv[1].get("f1", 0.0), str(kv[0])))
+    body = "".join(
+        f"<tr><td>{esc(label)}</td><td class=\"num\">{esc(_num(s.get('precision')))}</td>"
+        f"<td class=\"num\">{esc(_num(s.get('recall')))}</td><td class=\"num\">{esc(_num(s.get('f1')))}</td>"
+        f"<td class=\"num\">{esc(s.get('support', '-'))}</td></tr>"
+        for label, s in rows)
+    return (f"<details><summary>Per-class metrics ({len(rows)} classes, worst F1 first)</summary>"
+            "<table><tr><th>class</th><th>precision</th><th>recall</th><th>F1</th><th>test images</th></tr>"
+            f"{body}</table></details>")
+
+
+def render_model_card(
+    *,
+    model_name: str,
+    version: str,
+    candidate: str,
+    metrics: Mapping[str, Any],
+    labels: Sequence[str],
+    dataset: Mapping[str, Any],
+    quality: Mapping[str, Any] | None,
+    leaderboard: Sequence[Mapping[str, Any]],
+    decision: Mapping[str, Any] | None,
+    lineage: Mapping[str, Any],
+    images: Mapping[str, Path] | None,
+    preprocessing: Mapping[str, Any] | None = None,
+) -> str:
+    """Render the model card as one self-contained HTML page.
+
+    Args:
+        model_name, version, candidate: what is being published.
+        metrics: `evaluate_predictions` output for this model on the test split.
+        labels: class names, index = output unit.
+        dataset: ``dataset.json`` contents.
+        quality: the data-quality result, or None.
+        leaderboard: the run's ranked rows.
+        decision: the gate's decision, or None.
+        lineage: run id, dataset hash, code version, config, weights... (shown as given).
+        images: {"curves"|"confusion"|"leaderboard"|...: PNG path}, embedded as data URIs.
+        preprocessing: ``preprocessing.json`` contents; ``image_size`` is also looked up in
+            ``lineage["preprocessing"]`` and ``lineage``.
+    """
+    n_test = metrics.get("n")
+    n_classes = len(labels)
+    size = _image_size(lineage, preprocessing)
+    size_text = f"{size} x {size} pixels" if size else "the model's input size (see preprocessing.json)"
+    title = f"Model card: {model_name} {version}"
+
+    per_class = metrics.get("per_class") or {}
+    by_recall = sorted(per_class.items(), key=lambda kv: (kv[1].get("recall", 0.0), str(kv[0])))
+    worst = by_recall[:_N_WORST_CLASSES]
+    confusions = top_confusions(metrics["confusion"], list(labels), k=10) \
+        if metrics.get("confusion") and len(metrics["confusion"]) == n_classes else []
+
+    summary = (
+        f"<p><strong>{esc(model_name)}</strong> version <code>{esc(version)}</code>, trained as candidate "
+        f"<code>{esc(candidate)}</code>, classifies an image into one of {n_classes} classes. "
+        f"On the held-out test split of {esc(n_test if n_test is not None else '?')} images it reaches "
+        f"<strong>{esc(_pct(metrics.get('accuracy')))}</strong> accuracy "
+        f"(top-{esc(metrics.get('top_k', 5))} {esc(_pct(metrics.get('top5_accuracy')))}, chance "
+        f"{esc(_pct(metrics.get('chance_accuracy', 1 / n_classes if n_classes else None)))}).</p>"
+    )
+    limitations = [
+        f"Trained only on the dataset <code>{esc(dataset.get('dataset_hash', '?'))}</code> "
+        f"(source {esc(dataset.get('source', '?'))}); it knows only these {n_classes} classes and always "
+        "answers with one of them, even for images of something else.",
+        f"Input: an RGB image resized to {esc(size_text)} (aspect ratio ignored), float32 pixels in "
+        "[0, 255]; "
+        "preprocessing for the architecture is inside the model.",
+        "Performance was measured on the held-out test split of "
+        f"{esc(n_test if n_test is not None else '?')} "
+        "images from the same source; photos from other cameras, crops or populations may score lower.",
+        "Not for safety-critical use or decisions about people; a human should review its outputs "
+        "where mistakes matter.",
+    ]
+    if worst:
+        limitations.append("Weakest classes by recall: " + ", ".join(
+            f"{esc(label)} ({esc(_pct(s.get('recall')))})" for label, s in worst) + ".")
+
+    metrics_table = "".join(
+        f"<tr><th>{esc(name)}</th><td class=\"num\">{esc(value)}</td></tr>"
+        for name, value in (
+            ("accuracy", _pct(metrics.get("accuracy"))),
+            (f"top-{metrics.get('top_k', 5)} accuracy", _pct(metrics.get("top5_accuracy"))),
+            ("log loss (Kaggle, clipped 1e-15)", _num(metrics.get("log_loss"))),
+            ("macro F1", _num(metrics.get("macro_f1"))),
+            ("expected calibration error (15 bins)", _num(metrics.get("ece"))),
+            ("chance accuracy (1/K)", _pct(metrics.get("chance_accuracy"))),
+            ("test images", metrics.get("n", "-")),
+        ))
+    confusion_list = ""
+    if confusions:
+        confusion_list = ("<h3>Most frequent confusions</h3><table><tr><th>true</th><th>predicted as</th>"
+                          "<th>images</th><th>share of true class</th></tr>" + "".join(
+                              f"<tr><td>{esc(c['true'])}</td><td>{esc(c['predicted'])}</td>"
+                              f"<td class=\"num\">{esc(c['count'])}</td>"
+                              f"<td class=\"num\">{esc(_pct(c['fraction_of_true']))}</td></tr>"
+                              for c in confusions) + "</table>")
+
+    figures = []
+    for kind, path in (images or {}).items():
+        uri = _embed_png(Path(path))
+        if uri is None:
+            continue
+        caption = _IMAGE_TITLES.get(kind, kind)
+        figures.append(f"<figure><img src=\"{uri}\" alt=\"{esc(caption)}\"><figcaption>{esc(caption)}"
+                       "</figcaption></figure>")
+
+    lineage_rows = "".join(
+        f"<tr><th>{esc(key)}</th><td>"
+        + (f"<pre>{esc(json.dumps(to_jsonable(value), indent=2, sort_keys=True))}</pre>"
+           if isinstance(value, (Mapping, list, tuple)) else esc(value))
+        + "</td></tr>"
+        for key, value in lineage.items())
+
+    body = "\n".join([
+        f"<h1>{esc(title)}</h1>",
+        "<h2>Summary</h2>", summary,
+        "<h2>Intended use and limitations</h2>",
+        "<p>Intended for classifying photos like those it was trained on into the classes listed below.</p>",
+        "<ul>" + "".join(f"<li>{item}</li>" for item in limitations) + "</ul>",
+        "<h2>Data</h2>", dataset_section(dataset),
+        "<h3>Data quality</h3>", quality_section(quality),
+        "<h2>Metrics on the test split</h2>", f"<table>{metrics_table}</table>",
+        _per_class_table(per_class) if per_class else "",
+        confusion_list,
+        "<h2>Leaderboard of this run</h2>", leaderboard_html_table(leaderboard),
+        "<h2>Gate decision</h2>", decision_section(decision),
+        "<h2>Figures</h2>", "<div class=\"figures\">" + "".join(figures) + "</div>" if figures
+        else "<p class=\"muted\">No figures were provided.</p>",
+        "<h2>Classes</h2>",
+        f"<details><summary>{n_classes} classes, index = output unit</summary><ol start=\"0\">"
+        + "".join(f"<li>{esc(label)}</li>" for label in labels) + "</ol></details>",
+        "<h2>Lineage</h2>",
+        f"<table>{lineage_rows}</table>" if lineage_rows else "<p class=\"muted\">(none)</p>",
+    ])
+    return html_page(title, body)
