@@ -237,3 +237,38 @@ def deep_merge(base: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, A
         else:
             out[key] = value
     return out
+
+
+# Names shared by the DAGs (which build Airflow Assets from them) and the library.
+PRODUCTION_ASSET_NAME = "image_classifier_production"
+PRODUCTION_ASSET_URI = "x-model-registry://image-classifier/production.json"
+
+
+def overrides_from_params(params: Mapping[str, Any]) -> dict[str, Any]:
+    """Turn a run's trigger params (DAG params or CLI flags) into config overrides.
+
+    Unset (None/empty) values keep the config file's values, so a scheduled run with the
+    default params behaves exactly like the file says.
+    """
+    mapping = {
+        "source": ("data", "source"),
+        "candidates": ("train", "candidates"),
+        "epochs": ("train", "epochs"),
+        "image_size": ("train", "image_size"),
+        "batch_size": ("train", "batch_size"),
+        "learning_rate": ("train", "learning_rate"),
+        "weights": ("train", "weights"),
+        "finetune_top_k": ("train", "finetune_top_k"),
+        "finetune_epochs": ("train", "finetune_epochs"),
+        "min_delta": ("gate", "min_delta"),
+        "metric": ("gate", "metric"),
+        "force": ("gate", "force"),
+        "allow_label_change": ("gate", "allow_label_change"),
+    }
+    out: dict[str, Any] = {}
+    for name, (section, key) in mapping.items():
+        value = params.get(name)
+        if value is None or value == "" or value == []:
+            continue
+        out.setdefault(section, {})[key] = tuple(value) if isinstance(value, list) else value
+    return out

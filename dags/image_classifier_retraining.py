@@ -1,0 +1,251 @@
+"""
+### Image classifier retraining
+
+Retrains image classifiers on a labelled image dataset and publishes the best one to
+S3-compatible object storage, only when it beats the model in production.
+
+**ingest** (Kaggle, `s3://`, `.zip` or folder → content-addressed dataset + manifest) →
+**validate** (Great Expectations suite; stops the run on failing expectations) →
+**should_train** (skips when production was trained on this exact data, unless `force`) →
+**prepare** (decoded-image cache shared by the trainers) →
+**train** (one mapped task per candidate, in the `training` pool) →
+**finetune** (top-k transfer candidates, backbone unfrozen from its boundary layer) →
+**evaluate** (every candidate and the production model on the same test split) →
+**gate** (min_delta, floors, per-class non-regression) →
+**promote** (immutable version, conditional pointer swap; emits the production Asset).
+
+All ML logic lives in the `ml` package (`ml/pipeline.py`); every task here calls one
+function. Credentials come from the connections `ml_object_store` (AWS type: login = access
+key, password = secret, extra `{"endpoint_url": ...}`) and `kaggle_default` (login =
+username, password = key), or from the environment when those are not defined.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pendulum
+from airflow.sdk import Asset, Param, dag, get_current_context, task, task_group
+from airflow.sdk.definitions.retry_policy import ExceptionRetryPolicy, RetryAction, RetryRule
+
+from ml.config import PRODUCTION_ASSET_NAME, PRODUCTION_ASSET_URI
+from ml.models.registry import candidate_names
+
+PRODUCTION_MODEL = Asset(name=PRODUCTION_ASSET_NAME, uri=PRODUCTION_ASSET_URI)
+
+# Deterministic failures: retrying cannot help, so fail at once (I/O errors still retry).
+NO_RETRY_ON_BAD_INPUT = ExceptionRetryPolicy(rules=[
+    RetryRule(exception=name, action=RetryAction.FAIL, reason="bad input or config: a retry cannot help")
+    for name in ("ml.errors.ConfigError", "ml.errors.DataError", "ml.errors.UnknownArchitectureError",
+                 "ml.errors.ModelVerificationError")
+])
+
+DEFAULT_ARGS: dict[str, Any] = {
+    "owner": "mlops",
+    "retries": 2,
+    "retry_delay": timedelta(seconds=20),
+    "retry_exponential_backoff": 2.0,
+    "max_retry_delay": timedelta(minutes=10),
+    "retry_policy": NO_RETRY_ON_BAD_INPUT,
+    "execution_timeout": timedelta(hours=1),
+}
+
+PARAMS = {
+    "source": Param("", type="string", title="Dataset source",
+                    description="kaggle:competitions/<slug>, kaggle:datasets/<owner>/<slug>, s3://bucket/prefix, "
+                                "a .zip or a folder. Empty: data.source from config/pipeline.yaml."),
+    "candidates": Param(["scratch_small", "transfer_mobilenet_v2"], type="array", title="Candidates",
+                        description="Models to train in parallel, one task each.",
+                        examples=candidate_names(), items={"type": "string", "enum": candidate_names()},
+                        minItems=1),
+    "epochs": Param(8, type="integer", minimum=1, maximum=200, title="Epochs",
+                    description="Maximum epochs per candidate (early stopping may end sooner)."),
+    "image_size": Param(96, type="integer", minimum=32, maximum=600, title="Image size (px)",
+                        description="Square input size for every candidate."),
+    "weights": Param("none", type="string", title="Backbone weights",
+                     description="imagenet (Keras cache; pre-stage it on air-gapped workers), none, "
+                                 "a weights file path or an s3:// URI."),
+    "finetune_top_k": Param(1, type="integer", minimum=0, maximum=10, title="Fine-tune top k",
+                            description="How many of the best transfer candidates to fine-tune."),
+    "min_delta": Param(0.01, type="number", minimum=0, maximum=1, title="Minimum improvement",
+                       description="A challenger must beat production by this much on the gate metric."),
+    "force": Param(False, type="boolean", title="Force",
+                   description="Train even if production saw this exact dataset; promote if floors pass."),
+    "allow_label_change": Param(False, type="boolean", title="Allow a different label set",
+                                description="Needed to replace a production model whose classes differ."),
+}
+
+
+def _config():
+    from ml.config import PipelineConfig, overrides_from_params
+
+    return PipelineConfig.load(overrides=overrides_from_params(get_current_context()["params"]))
+
+
+def _store(config):
+    from _shared.connections import object_store
+
+    return object_store(config)
+
+
+def _kaggle_credentials():
+    from _shared.connections import kaggle_credentials
+
+    return kaggle_credentials()
+
+
+def _run_id() -> str:
+    return get_current_context()["run_id"]
+
+
+def _on_failure(context) -> None:
+    """One concise line per failed task (which task, which candidate, the error's first line)."""
+    from ml.pipeline import record_failure
+
+    ti = context["task_instance"]
+    error = context.get("exception")
+    record_failure(context["run_id"], ti.task_id, getattr(ti, "rendered_map_index", None) or ti.map_index, error)
+
+
+@dag(
+    dag_id=Path(__file__).stem,
+    doc_md=__doc__,
+    schedule="@weekly",
+    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    catchup=False,
+    max_active_runs=1,
+    default_args={**DEFAULT_ARGS, "on_failure_callback": _on_failure},
+    params=PARAMS,
+    tags=["ml", "training"],
+)
+def image_classifier_retraining():
+    @task_group(group_id="data")
+    def data_stage():
+        @task(retries=3)
+        def ingest() -> dict:
+            """Fetch the source into a content-addressed dataset folder with manifest and splits."""
+            from ml.pipeline import ingest_stage
+
+            config = _config()
+            return ingest_stage(config, _store(config), kaggle_credentials=_kaggle_credentials())
+
+        @task(retries=0)
+        def validate(dataset: dict) -> dict:
+            """Great Expectations suite over the manifest; failing expectations stop the run."""
+            from ml.pipeline import validate_stage
+
+            config = _config()
+            return validate_stage(dataset["dataset_dir"], config, _store(config), _run_id())
+
+        @task.short_circuit(retries=0)
+        def should_train(dataset: dict, quality: dict) -> bool:
+            """Skip training when production was trained on this exact dataset (unless force)."""
+            import logging
+
+            from ml.pipeline import should_train as decide
+
+            config = _config()
+            verdict = decide(dataset, config, _store(config))
+            logging.getLogger(__name__).info("should_train: %s (%s)", verdict["train"], verdict["reason"])
+            return verdict["train"]
+
+        dataset = ingest()
+        quality = validate(dataset)
+        return dataset, quality, should_train(dataset, quality)
+
+    @task_group(group_id="training")
+    def training_stage(dataset, go):
+        @task
+        def prepare(dataset: dict) -> list[str]:
+            """Build the shared decoded-image cache; return the candidates to train."""
+            from ml.pipeline import prepare_stage
+
+            config = _config()
+            prepare_stage(dataset["dataset_dir"], config)
+            return list(config.train.candidates)
+
+        @task(pool="training", queue="training", map_index_template="{{ candidate_label }}",
+              execution_timeout=timedelta(hours=6))
+        def train(dataset: dict, candidate: str) -> dict:
+            """Train one candidate; publish model, history and summary under runs/<run_id>/<candidate>/."""
+            from ml.pipeline import train_stage
+
+            get_current_context()["candidate_label"] = candidate
+            config = _config()
+            return train_stage(dataset["dataset_dir"], candidate, config, _store(config), _run_id())
+
+        @task
+        def pick_for_finetuning(results: list[dict]) -> list[str]:
+            """The top-k transfer candidates by validation accuracy."""
+            from ml.pipeline import select_for_finetuning
+
+            return select_for_finetuning(list(results), _config())
+
+        @task(pool="training", queue="training", map_index_template="{{ candidate_label }}",
+              execution_timeout=timedelta(hours=6))
+        def finetune(dataset: dict, transfer_candidate: str) -> dict:
+            """Unfreeze the backbone from its boundary layer and train on at a lower learning rate."""
+            from ml.pipeline import finetune_stage
+
+            get_current_context()["candidate_label"] = "finetune_" + transfer_candidate.removeprefix("transfer_")
+            config = _config()
+            return finetune_stage(dataset["dataset_dir"], transfer_candidate, config, _store(config), _run_id())
+
+        candidates = prepare(dataset)
+        go >> candidates
+        trained = train.partial(dataset=dataset).expand(candidate=candidates)
+        finetuned = finetune.partial(dataset=dataset).expand(transfer_candidate=pick_for_finetuning(trained))
+        return trained, finetuned
+
+    @task_group(group_id="release")
+    def release_stage(dataset, quality, trained, finetuned):
+        # One failed candidate must not hide the others: evaluate whatever finished.
+        @task(trigger_rule="all_done_min_one_success")
+        def evaluate(dataset: dict, trained: list[dict], finetuned: list[dict]) -> dict:
+            """Every candidate and the production model on the same test split; the leaderboard."""
+            from ml.pipeline import evaluate_stage
+
+            config = _config()
+            return evaluate_stage(dataset["dataset_dir"], [*trained, *finetuned], config, _store(config), _run_id())
+
+        @task(retries=1)
+        def gate(dataset: dict, evaluation: dict) -> dict:
+            """Champion/challenger decision with reasons (numbers included)."""
+            from ml.pipeline import gate_stage
+
+            config = _config()
+            return gate_stage(dataset["dataset_dir"], evaluation, config, _store(config), _run_id())
+
+        @task
+        def promote(dataset: dict, evaluation: dict, decision: dict, quality: dict) -> dict:
+            """Publish an immutable version and move production.json by conditional write."""
+            from ml.pipeline import promote_stage
+
+            config = _config()
+            actor = f"airflow:{get_current_context()['dag'].dag_id}"
+            return promote_stage(dataset, evaluation, decision, config, _store(config), _run_id(),
+                                 actor=actor, quality=quality)
+
+        @task.short_circuit(retries=0)
+        def promoted(result: dict) -> bool:
+            """Only a real pointer move is announced to consumers."""
+            return bool(result["promoted"])
+
+        @task(outlets=[PRODUCTION_MODEL], retries=0)
+        def announce(result: dict) -> None:
+            """Emit the production-model Asset event (consumers' DAGs are scheduled on it)."""
+            get_current_context()["outlet_events"][PRODUCTION_MODEL].extra = {
+                "version": result["version"], "uri": result["uri"]}
+
+        evaluation = evaluate(dataset, trained, finetuned)
+        result = promote(dataset, evaluation, gate(dataset, evaluation), quality)
+        promoted(result) >> announce(result)
+
+    dataset, quality, go = data_stage()
+    trained, finetuned = training_stage(dataset, go)
+    release_stage(dataset, quality, trained, finetuned)
+
+
+image_classifier_retraining()

@@ -1,0 +1,88 @@
+"""The retraining DAG end to end through Airflow (`dag.test()`) against a real SeaweedFS."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.airflow_env import REPO
+
+pytestmark = pytest.mark.e2e
+
+DAG_ID = "image_classifier_retraining"
+MODEL = "image-classifier"
+
+
+def _run(conf: dict):
+    from airflow.dag_processing.dagbag import DagBag
+
+    dag = DagBag(dag_folder=str(REPO / "dags")).dags[DAG_ID]
+    return dag.test(run_conf=conf)
+
+
+@pytest.fixture(scope="module")
+def sample(tmp_path_factory):
+    from ml.data.sample import make_sample_dataset
+
+    dest = tmp_path_factory.mktemp("sample") / "dog-breeds"
+    make_sample_dataset(dest, classes=3, per_class=40, size=48, seed=3)
+    return dest
+
+
+def test_first_run_promotes_then_worse_challenger_keeps_production(pipeline_env, sample):
+    store = pipeline_env["store"]
+    conf = {"source": str(sample), "candidates": ["scratch_tiny", "transfer_mobilenet_v2"], "epochs": 6,
+            "image_size": 48, "finetune_top_k": 1}
+
+    first = _run(conf)
+
+    assert first.state == "success"
+    found = store.get_with_etag(f"{MODEL}/production.json")
+    assert found is not None, "no production.json after the first run"
+    pointer_bytes, etag = found
+    pointer = json.loads(pointer_bytes)
+    assert store.exists(f"{MODEL}/versions/{pointer['version']}/COMPLETE")
+    report = store.get_json(f"{MODEL}/runs/{_safe(first.run_id)}/report.json")
+    names = {row["candidate"] for row in report["leaderboard"]}
+    assert {"scratch_tiny", "transfer_mobilenet_v2", "finetune_mobilenet_v2"} <= names
+
+    # The promoted model loads through ml.serving and beats chance on the held-out split.
+    from ml.serving.predictor import load_production
+    from ml.serving.smoke import smoke_test
+
+    predictor = load_production(store, MODEL, cache_dir=pipeline_env["work"] / "consumer")
+    dataset_dir = pipeline_env["work"] / "datasets" / pointer["dataset_hash"]
+    result = smoke_test(predictor, dataset_dir, n_images=100)
+    assert result["accuracy"] > 1 / 3
+
+    # A worse challenger (random frozen backbone, one epoch) must leave production untouched.
+    second = _run({**conf, "candidates": ["transfer_mobilenet_v2"], "epochs": 1, "finetune_top_k": 0,
+                   "force": True})
+
+    assert second.state == "success"
+    assert store.get_with_etag(f"{MODEL}/production.json") == (pointer_bytes, etag)
+    decision = store.get_json(f"{MODEL}/runs/{_safe(second.run_id)}/gate.json")
+    assert decision["promote"] is False
+    assert decision["reasons"]
+
+
+def test_same_data_again_skips_training(pipeline_env, sample):
+    """Without force, a run on the dataset production was trained on stops before training."""
+    store = pipeline_env["store"]
+    before = store.get_with_etag(f"{MODEL}/production.json")
+    if before is None:
+        pytest.skip("needs the production model of the previous test")
+
+    run = _run({"source": str(sample), "candidates": ["scratch_tiny"], "epochs": 1, "image_size": 48})
+
+    states = {ti.task_id: ti.state for ti in run.get_task_instances()}
+    assert states["data.should_train"] == "success"
+    assert states["training.train"] == "skipped"
+    assert store.get_with_etag(f"{MODEL}/production.json") == before
+
+
+def _safe(run_id: str) -> str:
+    from ml.pipeline import safe_run_id
+
+    return safe_run_id(run_id)
