@@ -369,7 +369,8 @@ def promote_stage(dataset: Mapping[str, Any], evaluation: Mapping[str, Any], dec
     If another promotion moved the pointer since the gate read it, re-gate against the new
     champion (on this run's test split) once and either promote properly or stop with the reason.
     """
-    from ml.registry.versions import append_promotion_log, new_version_id, read_pointer, swap_pointer
+    from ml.registry.versions import (append_promotion_log, make_pointer, new_version_id, read_pointer,
+                                     swap_pointer)
 
     dataset_dir = Path(dataset["dataset_dir"])
     model_name = config.storage.model_name
@@ -380,12 +381,7 @@ def promote_stage(dataset: Mapping[str, Any], evaluation: Mapping[str, Any], dec
                                         quality=quality)
         expected = decision.get("expected_etag")
         for attempt in (1, 2):
-            pointer = {
-                "version": version, "uri": version_info["uri"], "sha256": version_info["sha256"],
-                "metrics": version_info["metrics"], "labels": version_info["labels"],
-                "promoted_at": datetime.now(UTC).isoformat(), "run_id": run_id,
-                "dataset_hash": dataset["dataset_hash"], "candidate": decision["challenger"],
-            }
+            pointer = make_pointer(store, model_name, version, candidate=decision["challenger"])
             try:
                 swap_pointer(store, model_name, pointer, expected_etag=expected)
             except PromotionConflict as conflict:
@@ -405,10 +401,12 @@ def promote_stage(dataset: Mapping[str, Any], evaluation: Mapping[str, Any], dec
                 decision = {**decision, **regated, "champion_version": current["version"]}
                 continue
             append_promotion_log(store, model_name, {
-                "at": pointer["promoted_at"], "action": "promote", "from": decision.get("champion_version"),
-                "to": version, "run_id": run_id, "actor": actor, "reasons": list(decision["reasons"]),
+                "at": pointer["promoted_at"], "action": "promote", "version": version,
+                "from": decision.get("champion_version"), "to": version, "run_id": run_id, "actor": actor,
+                "candidate": decision["challenger"], "reasons": list(decision["reasons"]),
             })
-            result.update({"promoted": True, "version": version, "uri": version_info["uri"]})
+            result.update({"promoted": True, "version": version, "uri": pointer["uri"],
+                           "version_uri": pointer.get("version_uri")})
             log.info("promote: production is now %s (%s)", version, version_info["uri"])
             break
     else:
@@ -427,9 +425,10 @@ def _log_promotion(store: ObjectStore, model_name: str, run_id: str, actor: str,
                    challenger_version: str | None, *, promoted: bool, reasons: list[str]) -> None:
     from ml.registry.versions import append_promotion_log
 
+    target = challenger_version if promoted else current
     append_promotion_log(store, model_name, {
         "at": datetime.now(UTC).isoformat(), "action": "promote" if promoted else "keep",
-        "from": current, "to": challenger_version if promoted else current, "run_id": run_id, "actor": actor,
+        "version": target or "none", "from": current, "to": target, "run_id": run_id, "actor": actor,
         "reasons": reasons,
     })
 
@@ -468,7 +467,7 @@ def _publish_version(version: str, dataset: Mapping[str, Any], evaluation: Mappi
     files.update({name: stage / name for name in ("metrics.json", "lineage.json", "model_card.html")})
     info = publish_version(store, config.storage.model_name, version, files,
                            {"candidate": candidate, "run_id": run_id, "metrics": _score_fields(metrics),
-                            "dataset_hash": dataset["dataset_hash"]})
+                            "labels": labels, "dataset_hash": dataset["dataset_hash"]})
     return {"uri": info.get("uri", store.uri(f"{config.storage.model_name}/versions/{version}/")),
             "sha256": info["sha256"], "metrics": _score_fields(metrics), "labels": labels}
 
