@@ -1,0 +1,388 @@
+"""Decoded-image cache: each ok image decoded and resized once per (dataset_hash, image_size).
+
+Layout under ``cache_root``::
+
+    <dataset_hash>/<size>/images.u8      N x S x S x 3 uint8, C order (a raw np.memmap)
+    <dataset_hash>/<size>/index.parquet  row, path, sha256, label, label_index, split
+    <dataset_hash>/<size>/meta.json      shape, labels, per-chunk sha256, format version
+
+A cache folder is built under a temporary name and renamed into place, so a reader never
+sees a half-written cache; an exclusive file lock makes a second concurrent builder (two
+training tasks at once) wait and then reuse the first one's result instead of decoding
+twice. `build_image_cache` verifies the per-chunk checksums of an existing cache and
+rebuilds it, with a warning, when it is truncated or corrupted.
+
+Memory stays bounded: images are decoded straight into the memmap, and readers gather one
+batch of uint8 rows at a time (never the whole dataset as float32).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ml.errors import DataError
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+log = logging.getLogger(__name__)
+
+CACHE_FORMAT_VERSION = 1
+IMAGES_FILE = "images.u8"
+INDEX_FILE = "index.parquet"
+META_FILE = "meta.json"
+CHUNK_BYTES = 16 * 1024 * 1024  # checksum block: ~16 MiB of pixels
+PARALLEL_MIN_IMAGES = 64  # below this, a process pool costs more than it saves
+SPLITS = ("train", "val", "test")
+
+
+class CacheCorruptError(DataError):
+    """A cache folder is missing files, truncated, or fails its checksums."""
+
+
+@dataclass
+class ImageCache:
+    """A verified, opened decoded-image cache (read-only).
+
+    Attributes:
+        folder: ``<cache_root>/<dataset_hash>/<size>``.
+        meta: Contents of meta.json.
+        index: One row per cached image: row, path, sha256, label, label_index, split.
+    """
+
+    folder: Path
+    meta: dict[str, Any]
+    index: pd.DataFrame
+    _images: np.memmap | None = field(default=None, repr=False)
+
+    @classmethod
+    def open(
+        cls, dataset_dir: Path | str, image_size: int, cache_root: Path | str, *, workers: int | None = None
+    ) -> ImageCache:
+        """Open the cache for a dataset, building or rebuilding it when needed (see `build_image_cache`)."""
+        return build_image_cache(dataset_dir, image_size, cache_root, workers=workers)
+
+    @classmethod
+    def load(cls, folder: Path | str, *, verify: bool = True) -> ImageCache:
+        """Open an existing cache folder.
+
+        Raises:
+            CacheCorruptError: files missing, wrong size, or a chunk checksum differs.
+        """
+        import pandas as pd
+
+        folder = Path(folder)
+        meta_path, images_path, index_path = folder / META_FILE, folder / IMAGES_FILE, folder / INDEX_FILE
+        for path in (meta_path, images_path, index_path):
+            if not path.is_file():
+                raise CacheCorruptError(f"image cache {folder}: {path.name} is missing")
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (OSError, ValueError) as exc:
+            raise CacheCorruptError(f"image cache {folder}: unreadable {META_FILE}: {exc}") from exc
+        if meta.get("version") != CACHE_FORMAT_VERSION:
+            raise CacheCorruptError(
+                f"image cache {folder}: format version {meta.get('version')!r}, "
+                f"expected {CACHE_FORMAT_VERSION}"
+            )
+        shape = tuple(meta["shape"])
+        expected = int(np.prod(shape))
+        actual = images_path.stat().st_size
+        if actual != expected:
+            raise CacheCorruptError(
+                f"image cache {folder}: {IMAGES_FILE} has {actual} bytes, "
+                f"expected {expected} for shape {list(shape)} (truncated?)"
+            )
+        if verify:
+            digests = _chunk_digests(images_path, int(meta["chunk_bytes"]))
+            bad = [i for i, (a, b) in enumerate(zip(digests, meta["chunk_sha256"], strict=False)) if a != b]
+            if bad or len(digests) != len(meta["chunk_sha256"]):
+                raise CacheCorruptError(
+                    f"image cache {folder}: checksum mismatch in chunks {bad[:10]} "
+                    f"of {len(meta['chunk_sha256'])}"
+                )
+        try:
+            index = pd.read_parquet(index_path)
+        except (OSError, ValueError) as exc:
+            raise CacheCorruptError(f"image cache {folder}: unreadable {INDEX_FILE}: {exc}") from exc
+        if len(index) != shape[0]:
+            raise CacheCorruptError(
+                f"image cache {folder}: {INDEX_FILE} has {len(index)} rows, images {shape[0]}"
+            )
+        return cls(folder=folder, meta=meta, index=index)
+
+    @property
+    def images(self) -> np.memmap:
+        """The N x S x S x 3 uint8 memmap (opened read-only on first use)."""
+        if self._images is None:
+            shape = tuple(self.meta["shape"])
+            if shape[0] == 0:
+                self._images = np.zeros(shape, dtype=np.uint8)  # type: ignore[assignment]
+            else:
+                self._images = np.memmap(self.folder / IMAGES_FILE, dtype=np.uint8, mode="r", shape=shape)
+        return self._images
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self.meta["labels"])
+
+    @property
+    def image_size(self) -> int:
+        return int(self.meta["image_size"])
+
+    @property
+    def dataset_hash(self) -> str:
+        return str(self.meta["dataset_hash"])
+
+    def __len__(self) -> int:
+        return int(self.meta["shape"][0])
+
+    def split_indices(self, split: str) -> np.ndarray:
+        """Cache rows of a split ("train", "val", "test"; "all" for every row), ascending."""
+        if split == "all":
+            return np.arange(len(self), dtype=np.int64)
+        if split not in SPLITS:
+            raise DataError(f"split must be one of {SPLITS} or 'all', got {split!r}")
+        return np.flatnonzero(self.index["split"].to_numpy() == split).astype(np.int64)
+
+    def label_indices(self, rows: np.ndarray | Sequence[int] | None = None) -> np.ndarray:
+        """Class indices (position in the sorted labels) of the given rows (all rows when None)."""
+        values = self.index["label_index"].to_numpy(dtype=np.int64)
+        return values if rows is None else values[np.asarray(rows, dtype=np.int64)]
+
+    def gather(self, rows: np.ndarray | Sequence[int]) -> np.ndarray:
+        """uint8 pixels of the given rows, in the given order (a copy; B x S x S x 3)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        # Reading in ascending order keeps the memmap access sequential-ish.
+        order = np.argsort(rows, kind="stable")
+        out = np.empty((len(rows), *self.meta["shape"][1:]), dtype=np.uint8)
+        out[order] = self.images[rows[order]]
+        return out
+
+    def iter_batches(self, rows: np.ndarray | Sequence[int], batch_size: int) -> Iterator[np.ndarray]:
+        """uint8 batches of the given rows, in order."""
+        rows = np.asarray(rows, dtype=np.int64)
+        for start in range(0, len(rows), batch_size):
+            yield self.gather(rows[start : start + batch_size])
+
+
+def cache_folder(cache_root: Path | str, dataset_hash: str, image_size: int) -> Path:
+    """Where the cache of a dataset at a size lives."""
+    return Path(cache_root) / dataset_hash / str(int(image_size))
+
+
+def read_dataset(dataset_dir: Path | str) -> tuple[dict[str, Any], pd.DataFrame]:
+    """dataset.json and the ok rows of manifest.parquet (sorted by path), validated."""
+    import pandas as pd
+
+    dataset_dir = Path(dataset_dir)
+    info_path, manifest_path = dataset_dir / "dataset.json", dataset_dir / "manifest.parquet"
+    for path in (info_path, manifest_path):
+        if not path.is_file():
+            raise DataError(f"dataset folder {dataset_dir}: {path.name} is missing")
+    info = json.loads(info_path.read_text())
+    for key in ("dataset_hash", "labels"):
+        if key not in info:
+            raise DataError(f"{info_path}: key {key!r} is missing")
+    manifest = pd.read_parquet(manifest_path)
+    missing = {"path", "label", "sha256", "status", "split"} - set(manifest.columns)
+    if missing:
+        raise DataError(f"{manifest_path}: columns {sorted(missing)} are missing")
+    ok = manifest[manifest["status"] == "ok"].sort_values("path", kind="stable").reset_index(drop=True)
+    labels = list(info["labels"])
+    if labels != sorted(labels):
+        raise DataError(f"{info_path}: labels must be sorted, got {labels[:10]}")
+    unknown = sorted(set(ok["label"]) - set(labels))
+    if unknown:
+        raise DataError(f"{manifest_path}: labels {unknown[:10]} are not in dataset.json's labels")
+    return info, ok
+
+
+def build_image_cache(
+    dataset_dir: Path | str, image_size: int, cache_root: Path | str, *, workers: int | None = None
+) -> ImageCache:
+    """Return a verified decoded-image cache of a dataset at a size, building it if needed.
+
+    Idempotent: an intact cache is reused; a corrupt or truncated one is rebuilt (with a
+    warning). Splits are taken from the current manifest, so a re-split dataset reuses the
+    pixels.
+
+    Args:
+        dataset_dir: Dataset folder (manifest.parquet + dataset.json).
+        image_size: Square size in pixels every image is resized to (cv2.INTER_AREA).
+        cache_root: Root folder of all image caches.
+        workers: Decoding processes (default: up to 2; 1 decodes in this process).
+    """
+    if not 8 <= int(image_size) <= 2048:
+        raise DataError(f"image_size must be in [8, 2048] pixels, got {image_size}")
+    info, ok = read_dataset(dataset_dir)
+    folder = cache_folder(cache_root, info["dataset_hash"], image_size)
+    cache = _try_open(folder, ok)
+    if cache is not None:
+        return cache
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with _exclusive_lock(folder.parent / f".{folder.name}.lock"):
+        # Another builder may have finished while we waited for the lock.
+        cache = _try_open(folder, ok)
+        if cache is not None:
+            return cache
+        _build(Path(dataset_dir), info, ok, int(image_size), folder, workers)
+    cache = ImageCache.load(folder, verify=False)
+    _attach_splits(cache, ok)
+    return cache
+
+
+def _try_open(folder: Path, ok: pd.DataFrame) -> ImageCache | None:
+    if not folder.exists():
+        return None
+    try:
+        cache = ImageCache.load(folder, verify=True)
+        _attach_splits(cache, ok)
+        return cache
+    except CacheCorruptError as exc:
+        log.warning("image cache %s is damaged and will be rebuilt: %s", folder, exc)
+        return None
+
+
+def _attach_splits(cache: ImageCache, ok: pd.DataFrame) -> None:
+    """Take split and label from the current manifest (pixels depend only on path contents)."""
+    current = ok.set_index("path")
+    paths = cache.index["path"]
+    if len(current) != len(paths) or not paths.isin(current.index).all():
+        raise CacheCorruptError(f"image cache {cache.folder}: its paths differ from the dataset's manifest")
+    labels = cache.labels
+    cache.index["split"] = current.loc[paths, "split"].astype(str).to_numpy()
+    label = current.loc[paths, "label"].astype(str).to_numpy()
+    if not (label == cache.index["label"].to_numpy()).all():
+        raise CacheCorruptError(f"image cache {cache.folder}: labels differ from the dataset's manifest")
+    cache.index["label_index"] = np.searchsorted(np.asarray(labels), label).astype(np.int64)
+
+
+@contextlib.contextmanager
+def _exclusive_lock(path: Path) -> Iterator[None]:
+    with path.open("a+") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def _chunk_rows(image_bytes: int) -> int:
+    return max(1, CHUNK_BYTES // max(1, image_bytes))
+
+
+def _chunk_digests(path: Path, chunk_bytes: int) -> list[str]:
+    digests = []
+    with path.open("rb") as fh:
+        while block := fh.read(chunk_bytes):
+            digests.append(hashlib.sha256(block).hexdigest())
+    return digests
+
+
+def _decode_resize(args: tuple[str, int]) -> np.ndarray:
+    from ml.data.images import load_rgb, resize_square
+
+    path, size = args
+    return resize_square(load_rgb(path), size)
+
+
+def _build(
+    dataset_dir: Path, info: dict[str, Any], ok: pd.DataFrame, size: int, folder: Path, workers: int | None
+) -> None:
+    import multiprocessing
+
+    import pandas as pd
+
+    started = time.monotonic()
+    labels = list(info["labels"])
+    n = len(ok)
+    shape = (n, size, size, 3)
+    tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir(parents=True)
+    try:
+        images_path = tmp / IMAGES_FILE
+        jobs = [(str(dataset_dir / p), size) for p in ok["path"]]
+        workers = workers if workers is not None else min(2, os.cpu_count() or 1)
+        if n:
+            images = np.memmap(images_path, dtype=np.uint8, mode="w+", shape=shape)
+            if workers > 1 and n >= PARALLEL_MIN_IMAGES:
+                # spawn: forking a process that already runs TensorFlow threads can deadlock.
+                ctx = multiprocessing.get_context("spawn")
+                with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+                    for i, pixels in enumerate(pool.map(_decode_resize, jobs, chunksize=16)):
+                        images[i] = pixels
+            else:
+                for i, job in enumerate(jobs):
+                    images[i] = _decode_resize(job)
+            images.flush()
+            del images
+        else:
+            images_path.touch()
+        index = pd.DataFrame(
+            {
+                "row": np.arange(n, dtype=np.int64),
+                "path": ok["path"].astype(str).to_numpy(),
+                "sha256": ok["sha256"].astype(str).to_numpy(),
+                "label": ok["label"].astype(str).to_numpy(),
+                "label_index": np.searchsorted(np.asarray(labels), ok["label"].astype(str).to_numpy()).astype(
+                    np.int64
+                ),
+                "split": ok["split"].astype(str).to_numpy(),
+            }
+        )
+        index.to_parquet(tmp / INDEX_FILE, index=False)
+        chunk_bytes = _chunk_rows(size * size * 3) * size * size * 3
+        meta = {
+            "version": CACHE_FORMAT_VERSION,
+            "dataset_hash": info["dataset_hash"],
+            "image_size": size,
+            "shape": list(shape),
+            "dtype": "uint8",
+            "color_order": "RGB",
+            "resize": "cv2.INTER_AREA, aspect ratio ignored",
+            "labels": labels,
+            "chunk_bytes": chunk_bytes,
+            "chunk_sha256": _chunk_digests(images_path, chunk_bytes),
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
+        _publish(tmp, folder)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    log.info(
+        "image cache %s: %d images at %dpx decoded in %.1fs (%.1f MB)",
+        folder,
+        n,
+        size,
+        time.monotonic() - started,
+        n * size * size * 3 / 1e6,
+    )
+
+
+def _publish(tmp: Path, folder: Path) -> None:
+    """Move a finished cache into place; a damaged old one is moved aside first."""
+    old = None
+    if folder.exists():
+        old = folder.parent / f".{folder.name}.old-{uuid.uuid4().hex[:8]}"
+        os.rename(folder, old)
+    os.rename(tmp, folder)
+    if old is not None:
+        # Open memmaps of the old files stay valid after unlinking (POSIX).
+        shutil.rmtree(old, ignore_errors=True)

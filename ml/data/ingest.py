@@ -1,0 +1,236 @@
+"""Ingest: any source -> a content-addressed dataset folder with a manifest and splits.
+
+Everything is built in ``<work_dir>/datasets/.tmp-<random>/`` and renamed to
+``<work_dir>/datasets/<dataset_hash>/`` at the end, so a reader never sees half a dataset and
+re-ingesting the same content reuses the folder (stage idempotency, DESIGN invariants 1 and 5).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ml.data.layouts import detect_layout, find_dataset_root, find_unlabelled, list_labelled_images
+from ml.data.manifest import OK, build_manifest, dataset_hash, near_duplicate_pairs
+from ml.data.sources import materialise, parse_source
+from ml.data.splits import assign_splits, split_counts
+from ml.errors import DataError
+
+if TYPE_CHECKING:
+    from ml.config import DataConfig
+
+log = logging.getLogger(__name__)
+
+MANIFEST_FILE = "manifest.parquet"
+DATASET_FILE = "dataset.json"
+IMAGES_DIR = "images"
+UNLABELLED_DIR = "unlabelled"
+MAX_PROBLEMS_KEPT = 50
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    """Hard-link `src` to `dst` (free on one filesystem), else copy it."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError as exc:
+        if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EACCES):
+            raise
+        shutil.copy2(src, dst)
+
+
+def _split_config(config: DataConfig) -> dict[str, float | int]:
+    return {"val_percent": config.val_percent, "test_percent": config.test_percent, "seed": config.seed}
+
+
+def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _write_parquet_atomic(frame: Any, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    frame.to_parquet(tmp, index=False)
+    os.replace(tmp, path)
+
+
+def load_dataset(dataset_dir: Path) -> tuple[dict[str, Any], Any]:
+    """(dataset.json dict, manifest DataFrame) of a published dataset folder."""
+    import pandas as pd
+
+    dataset_dir = Path(dataset_dir)
+    meta_path, manifest_path = dataset_dir / DATASET_FILE, dataset_dir / MANIFEST_FILE
+    if not meta_path.is_file() or not manifest_path.is_file():
+        raise DataError(
+            f"{dataset_dir} is not a dataset folder: {DATASET_FILE} or {MANIFEST_FILE} is missing"
+        )
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    return meta, pd.read_parquet(manifest_path)
+
+
+def ingest(
+    source: str,
+    work_dir: Path,
+    config: DataConfig,
+    *,
+    store: Any = None,
+    kaggle_credentials: tuple[str, str] | None = None,
+) -> dict[str, Any]:
+    """Fetch, check, split and publish a dataset; returns dataset.json plus ``dataset_dir``.
+
+    Args:
+        source: A local folder or .zip, ``s3://bucket/prefix``, or ``kaggle:competitions/<slug>`` /
+            ``kaggle:datasets/<owner>/<slug>``.
+        work_dir: Datasets go to ``<work_dir>/datasets/<dataset_hash>/``.
+        config: Layout, split and safety settings.
+        store: Object-store client for s3:// sources (``list_keys``, ``download_file``, ``for_bucket``).
+        kaggle_credentials: (username, key) for Kaggle sources.
+    """
+    parsed = parse_source(source)
+    datasets = Path(work_dir) / "datasets"
+    datasets.mkdir(parents=True, exist_ok=True)
+    tmp = datasets / f".tmp-{uuid.uuid4().hex[:12]}"
+    tmp.mkdir()
+    try:
+        return _ingest_into(tmp, datasets, parsed, config, store=store, kaggle_credentials=kaggle_credentials)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _ingest_into(
+    tmp: Path,
+    datasets: Path,
+    parsed: Any,
+    config: DataConfig,
+    *,
+    store: Any,
+    kaggle_credentials: tuple[str, str] | None,
+) -> dict[str, Any]:
+    started = time.monotonic()
+    staging = tmp / ".staging"
+    raw = materialise(parsed, staging, config, store=store, kaggle_credentials=kaggle_credentials)
+    root = find_dataset_root(raw, config)
+    layout = detect_layout(root, config)
+    items, problems = list_labelled_images(root, config)
+    unlabelled = find_unlabelled(root, config)
+
+    t0 = time.monotonic()
+    images_dir = tmp / IMAGES_DIR
+    staged: list[tuple[Path, str]] = []
+    for path, label in items:
+        dst = images_dir / path.relative_to(root)
+        if not dst.exists():  # an id listed with two labels appears twice
+            link_or_copy(path, dst)
+        staged.append((dst, label))
+    for path in unlabelled:
+        link_or_copy(path, tmp / UNLABELLED_DIR / path.name)
+    if staging.exists():
+        shutil.rmtree(staging)  # hard links keep the data; the raw download is no longer needed
+    seconds = max(time.monotonic() - t0, 1e-9)
+    log.info(
+        "ingest: %d labelled + %d unlabelled files from %s (%s layout, %d problems) staged in %.1f s "
+        "(%.0f files/s)",
+        len(items),
+        len(unlabelled),
+        parsed.uri,
+        layout,
+        len(problems),
+        seconds,
+        (len(items) + len(unlabelled)) / seconds,
+    )
+    for problem in problems[:10]:
+        log.warning("data problem: %s", problem)
+    if len(problems) > 10:
+        log.warning("... and %d more data problems (see dataset.json extra.problems)", len(problems) - 10)
+
+    manifest = build_manifest(staged, tmp, max_pixels=config.max_image_pixels)
+    manifest = assign_splits(manifest, **_split_config(config))
+    digest = dataset_hash(manifest)
+    ok = manifest[manifest["status"] == OK]
+    if ok.empty:
+        statuses = manifest["status"].value_counts().to_dict()
+        raise DataError(f"no usable images in {parsed.uri}: every file was quarantined ({statuses})")
+
+    counts = {str(k): int(v) for k, v in ok["label"].value_counts().sort_index().items()}
+    meta: dict[str, Any] = {
+        "dataset_hash": digest,
+        "source": parsed.uri,
+        "layout": layout,
+        "labels": sorted(counts),
+        "counts": counts,
+        "n_images": len(manifest),
+        "n_ok": len(ok),
+        "n_quarantined": len(manifest) - len(ok),
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "extra": {
+            "split_config": _split_config(config),
+            "splits": split_counts(manifest),
+            "status_counts": {str(k): int(v) for k, v in manifest["status"].value_counts().items()},
+            "near_duplicate_pairs": len(near_duplicate_pairs(manifest)),
+            "n_unlabelled": len(unlabelled),
+            "n_problems": len(problems),
+            "problems": problems[:MAX_PROBLEMS_KEPT],
+        },
+    }
+    _write_parquet_atomic(manifest, tmp / MANIFEST_FILE)
+    _write_json_atomic(tmp / DATASET_FILE, meta)
+
+    final = datasets / digest
+    try:
+        os.rename(tmp, final)
+        log.info(
+            "ingest: published dataset %s (%d ok, %d quarantined, splits %s) in %.1f s",
+            digest[:12],
+            meta["n_ok"],
+            meta["n_quarantined"],
+            meta["extra"]["splits"],
+            time.monotonic() - started,
+        )
+    except OSError as exc:
+        if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not final.is_dir():
+            raise
+        meta = _reuse(final, manifest, meta)
+    return {**meta, "dataset_dir": str(final)}
+
+
+def _reuse(final: Path, manifest: Any, fresh_meta: dict[str, Any]) -> dict[str, Any]:
+    """The same content is already published: keep it, refreshing splits if their settings changed."""
+    existing, _ = load_dataset(final)
+    if existing.get("extra", {}).get("split_config") != fresh_meta["extra"]["split_config"]:
+        # Images are identical (same hash); only the derived split column differs. Each file is
+        # replaced atomically so a reader sees either the old or the new version of each.
+        log.warning(
+            "ingest: dataset %s exists with split settings %s; rewriting its splits for %s",
+            final.name[:12],
+            existing.get("extra", {}).get("split_config"),
+            fresh_meta["extra"]["split_config"],
+        )
+        existing_manifest = load_dataset(final)[1]
+        by_key = dict(
+            zip(zip(manifest["sha256"], manifest["label"], strict=True), manifest["split"], strict=True)
+        )
+        existing_manifest["split"] = [
+            by_key.get((sha, label), "") if status == OK else ""
+            for sha, label, status in zip(
+                existing_manifest["sha256"],
+                existing_manifest["label"],
+                existing_manifest["status"],
+                strict=True,
+            )
+        ]
+        existing["extra"]["split_config"] = fresh_meta["extra"]["split_config"]
+        existing["extra"]["splits"] = split_counts(existing_manifest)
+        _write_parquet_atomic(existing_manifest, final / MANIFEST_FILE)
+        _write_json_atomic(final / DATASET_FILE, existing)
+    log.info("ingest: dataset %s already published at %s; reused", final.name[:12], final)
+    return existing
