@@ -348,3 +348,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MLError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `python -m ml ... | head`
+        sys.stderr.close()
+        return 0

@@ -214,11 +214,11 @@ def render(rng: np.random.Generator, shape: int, texture: int, size: int) -> np.
     base = rng.uniform(40, 215, size=(1, 1, 3))
     coarse = np.clip(base + rng.uniform(-60, 60, size=(4, 4, 3)), 0, 255).astype(np.float32)
     image = cv2.resize(coarse, (size, size), interpolation=cv2.INTER_CUBIC)
-    for _ in range(int(rng.integers(2, 6))):
+    for _ in range(int(rng.integers(0, 4))):
         p1 = tuple(int(v) for v in rng.integers(0, size, 2))
         p2 = tuple(int(v) for v in rng.integers(0, size, 2))
         cv2.line(image, p1, p2, tuple(float(c) for c in _colour(rng)), 1, lineType=cv2.LINE_AA)
-    for _ in range(int(rng.integers(1, 4))):
+    for _ in range(int(rng.integers(0, 3))):
         centre = tuple(int(v) for v in rng.integers(0, size, 2))
         cv2.circle(
             image,
@@ -230,7 +230,7 @@ def render(rng: np.random.Generator, shape: int, texture: int, size: int) -> np.
         )
 
     # The shape: random scale, rotation and position, fully inside the frame.
-    radius = size * rng.uniform(0.24, 0.40)
+    radius = size * rng.uniform(0.30, 0.44)
     angle = rng.uniform(0, 2 * math.pi)
     rot = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
     centre = rng.uniform(radius + 1, size - radius - 1, size=2)
@@ -255,7 +255,7 @@ def render(rng: np.random.Generator, shape: int, texture: int, size: int) -> np.
     image = alpha * fill + (1.0 - alpha) * image
 
     # Camera-like degradations: sensor noise and, sometimes, defocus blur.
-    image += rng.normal(0, rng.uniform(3, 10), size=image.shape).astype(np.float32)
-    if rng.random() < 0.4:
+    image += rng.normal(0, rng.uniform(2, 7), size=image.shape).astype(np.float32)
+    if rng.random() < 0.25:
         image = cv2.GaussianBlur(image, (3, 3), rng.uniform(0.4, 1.0))
     return np.clip(image, 0, 255).astype(np.uint8)
