@@ -1,0 +1,375 @@
+"""Architecture registry: candidate names -> small entries, importable without TensorFlow.
+
+Like timm's `_registry.py` and keras.applications: each backbone is an `ArchitectureSpec`
+(keras constructor name, `preprocess_input` mode, default and minimum input size, the
+fine-tuning boundary layer, ImageNet weight file name); each from-scratch CNN is a
+`ScratchSpec` with default options. The DAG builds its trigger form and task mapping from
+`candidate_names()`, so nothing here imports Keras at module level: `build_backbone`
+imports it when called.
+
+Candidate names: ``scratch_<variant>``, ``transfer_<architecture>`` and, made from a trained
+transfer candidate, ``finetune_<architecture>``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any
+
+from ml.errors import ConfigError, UnknownArchitectureError
+
+if TYPE_CHECKING:
+    import keras
+
+CANDIDATE_KINDS = ("scratch", "transfer", "finetune")
+PREPROCESS_MODES = ("tf", "torch", "caffe", "none")  # same as ml.models.layers.PREPROCESS_MODES
+
+
+@dataclass(frozen=True)
+class ArchitectureSpec:
+    """One keras.applications backbone.
+
+    Attributes:
+        name: Registry key (``mobilenet_v2``), used in candidate names.
+        constructor: Attribute of ``keras.applications`` (``MobileNetV2``).
+        preprocess: keras ``preprocess_input`` mode: "tf", "torch", "caffe" or "none" (the
+            backbone normalises [0, 255] pixels itself, e.g. EfficientNet, MobileNetV3).
+        default_size: Input size the ImageNet weights were trained at (pixels).
+        min_size: Smallest input keras.applications accepts (pixels).
+        finetune_boundary: Name of the first backbone layer unfrozen when fine-tuning.
+        weights_file: (image_size, alpha) -> the no-top ImageNet weight file name Keras
+            caches in ``$KERAS_HOME/models/``.
+        alphas: Width multipliers with ImageNet weights; empty when the model has no alpha.
+        default_alpha: Alpha used when a candidate sets none.
+    """
+
+    name: str
+    constructor: str
+    preprocess: str
+    default_size: int
+    min_size: int
+    finetune_boundary: str
+    weights_file: Callable[[int, float], str]
+    alphas: tuple[float, ...] = ()
+    default_alpha: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.preprocess not in PREPROCESS_MODES:
+            raise ConfigError(
+                f"architecture {self.name!r}: preprocess must be one of {PREPROCESS_MODES}, "
+                f"got {self.preprocess!r}"
+            )
+        if self.min_size > self.default_size:
+            raise ConfigError(
+                f"architecture {self.name!r}: min_size {self.min_size} > default_size {self.default_size}"
+            )
+
+    @property
+    def has_alpha(self) -> bool:
+        return bool(self.alphas)
+
+    def resolve_alpha(self, alpha: float | None) -> float | None:
+        """The alpha to build with (None for models without one); rejects alpha where unsupported."""
+        if not self.has_alpha:
+            if alpha is not None:
+                raise ConfigError(f"architecture {self.name!r} has no 'alpha' option, got alpha={alpha}")
+            return None
+        value = self.default_alpha if alpha is None else float(alpha)
+        if not 0 < value <= 2:
+            raise ConfigError(f"architecture {self.name!r}: alpha must be in (0, 2], got {value}")
+        return value
+
+    def check_size(self, image_size: int) -> None:
+        """Raise ConfigError when `image_size` is below what the backbone accepts."""
+        if image_size < self.min_size:
+            raise ConfigError(
+                f"architecture {self.name!r} needs image_size >= {self.min_size} pixels, got {image_size}"
+            )
+
+    def weights_file_name(self, image_size: int, alpha: float | None = None) -> str:
+        """The ImageNet (no-top) weight file Keras downloads for this build."""
+        resolved = self.resolve_alpha(alpha)
+        if resolved is not None and resolved not in self.alphas:
+            raise ConfigError(
+                f"architecture {self.name!r} has ImageNet weights only for alpha in "
+                f"{list(self.alphas)}, got {resolved}"
+            )
+        return self.weights_file(image_size, resolved if resolved is not None else 1.0)
+
+    def build_backbone(
+        self, image_size: int, *, alpha: float | None = None, weights: str | None = None
+    ) -> keras.Model:
+        """Build the headless backbone for RGB inputs of image_size x image_size.
+
+        Args:
+            image_size: Input height and width in pixels (>= min_size).
+            alpha: Width multiplier for MobileNets; None for the default.
+            weights: None (random init), "imagenet", or a weights file path Keras loads.
+        """
+        import keras
+
+        self.check_size(image_size)
+        kwargs: dict[str, Any] = {
+            "include_top": False,
+            "weights": weights,
+            "input_shape": (image_size, image_size, 3),
+        }
+        resolved = self.resolve_alpha(alpha)
+        if resolved is not None:
+            kwargs["alpha"] = resolved
+        return getattr(keras.applications, self.constructor)(**kwargs)
+
+
+@dataclass(frozen=True)
+class ScratchSpec:
+    """One from-scratch CNN variant: default options for `ml.models.scratch.build_scratch`.
+
+    Options: ``depth`` (conv blocks), ``width`` (filters of the first block, doubled per
+    block), ``residual`` (residual blocks instead of plain conv stacks), ``dropout`` (per
+    block), ``head_dropout``, ``l2`` (kernel regulariser).
+    """
+
+    name: str
+    description: str
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "options", MappingProxyType(dict(self.options)))
+
+    def resolve_options(self, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Defaults merged with `overrides`; unknown keys raise ConfigError naming the allowed ones."""
+        merged = dict(self.options)
+        for key, value in (overrides or {}).items():
+            if key not in merged and key not in TRAINING_OPTION_KEYS:
+                raise ConfigError(
+                    f"unknown option {key!r} for scratch_{self.name}; allowed: "
+                    f"{sorted(set(merged) | set(TRAINING_OPTION_KEYS))}"
+                )
+            merged[key] = value
+        return merged
+
+
+# Options any candidate accepts (applied by training, not the model builder).
+TRAINING_OPTION_KEYS = ("augment", "augmentation", "batch_size", "epochs", "learning_rate", "image_size")
+TRANSFER_OPTION_KEYS = ("alpha", "dropout", "head_units")
+
+_ARCHITECTURES: dict[str, ArchitectureSpec] = {}
+_SCRATCH: dict[str, ScratchSpec] = {}
+
+
+def register_architecture(spec: ArchitectureSpec) -> ArchitectureSpec:
+    """Add a backbone to the registry; a duplicate name raises ConfigError."""
+    if spec.name in _ARCHITECTURES:
+        raise ConfigError(f"architecture {spec.name!r} is already registered")
+    _ARCHITECTURES[spec.name] = spec
+    return spec
+
+
+def register_scratch(spec: ScratchSpec) -> ScratchSpec:
+    """Add a from-scratch variant to the registry; a duplicate name raises ConfigError."""
+    if spec.name in _SCRATCH:
+        raise ConfigError(f"scratch variant {spec.name!r} is already registered")
+    _SCRATCH[spec.name] = spec
+    return spec
+
+
+def _mobilenet_file(size: int, alpha: float) -> str:
+    # keras loads the 224 weights for sizes it has no file for (mobilenet.py).
+    rows = size if size in (128, 160, 192, 224) else 224
+    text = {1.0: "1_0", 0.75: "7_5", 0.5: "5_0", 0.25: "2_5"}[alpha]
+    return f"mobilenet_{text}_{rows}_tf_no_top.h5"
+
+
+def _mobilenet_v2_file(size: int, alpha: float) -> str:
+    rows = size if size in (96, 128, 160, 192, 224) else 224
+    return f"mobilenet_v2_weights_tf_dim_ordering_tf_kernels_{float(alpha)}_{rows}_no_top.h5"
+
+
+def _fixed(file_name: str) -> Callable[[int, float], str]:
+    return lambda size, alpha: file_name
+
+
+for _spec in (
+    ArchitectureSpec(
+        "mobilenet", "MobileNet", "tf", 224, 32, "conv_dw_12", _mobilenet_file, alphas=(0.25, 0.5, 0.75, 1.0)
+    ),
+    ArchitectureSpec(
+        "mobilenet_v2",
+        "MobileNetV2",
+        "tf",
+        224,
+        32,
+        "block_16_expand",
+        _mobilenet_v2_file,
+        alphas=(0.35, 0.5, 0.75, 1.0, 1.3, 1.4),
+    ),
+    ArchitectureSpec(
+        "mobilenet_v3_small",
+        "MobileNetV3Small",
+        "none",
+        224,
+        32,
+        "expanded_conv_10_expand",
+        lambda size, alpha: f"weights_mobilenet_v3_small_224_{alpha}_float_no_top_v2.h5",
+        alphas=(0.75, 1.0),
+    ),
+    ArchitectureSpec(
+        "mobilenet_v3_large",
+        "MobileNetV3Large",
+        "none",
+        224,
+        32,
+        "expanded_conv_14_expand",
+        lambda size, alpha: f"weights_mobilenet_v3_large_224_{alpha}_float_no_top_v2.h5",
+        alphas=(0.75, 1.0),
+    ),
+    ArchitectureSpec(
+        "efficientnet_b0",
+        "EfficientNetB0",
+        "none",
+        224,
+        32,
+        "block7a_expand_conv",
+        _fixed("efficientnetb0_notop.h5"),
+    ),
+    ArchitectureSpec(
+        "efficientnet_v2_b0",
+        "EfficientNetV2B0",
+        "none",
+        224,
+        32,
+        "block6h_expand_conv",
+        _fixed("efficientnetv2-b0_notop.h5"),
+    ),
+    ArchitectureSpec(
+        "resnet50_v2",
+        "ResNet50V2",
+        "tf",
+        224,
+        32,
+        "conv5_block3_preact_bn",
+        _fixed("resnet50v2_weights_tf_dim_ordering_tf_kernels_notop.h5"),
+    ),
+    # InceptionV3: unfreezing from mixed9 trains the last inception block (mixed10's branches).
+    ArchitectureSpec(
+        "inception_v3",
+        "InceptionV3",
+        "tf",
+        299,
+        75,
+        "mixed9",
+        _fixed("inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5"),
+    ),
+    ArchitectureSpec(
+        "xception",
+        "Xception",
+        "tf",
+        299,
+        71,
+        "block14_sepconv1",
+        _fixed("xception_weights_tf_dim_ordering_tf_kernels_notop.h5"),
+    ),
+    ArchitectureSpec(
+        "densenet121",
+        "DenseNet121",
+        "torch",
+        224,
+        32,
+        "conv5_block13_0_bn",
+        _fixed("densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5"),
+    ),
+    ArchitectureSpec(
+        "vgg16",
+        "VGG16",
+        "caffe",
+        224,
+        32,
+        "block5_conv1",
+        _fixed("vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"),
+    ),
+):
+    register_architecture(_spec)
+
+for _scratch in (
+    ScratchSpec(
+        "tiny",
+        "2 small conv blocks: fast smoke-test baseline",
+        {"depth": 2, "width": 8, "residual": False, "dropout": 0.1, "head_dropout": 0.2, "l2": 1e-4},
+    ),
+    ScratchSpec(
+        "small",
+        "4 conv blocks (conv-BN-ReLU x2, maxpool, dropout), L2, global average pool",
+        {"depth": 4, "width": 32, "residual": False, "dropout": 0.2, "head_dropout": 0.4, "l2": 1e-4},
+    ),
+    ScratchSpec(
+        "residual",
+        "4 residual blocks (ResNet-style shortcuts) with BN, L2, global average pool",
+        {"depth": 4, "width": 32, "residual": True, "dropout": 0.1, "head_dropout": 0.4, "l2": 1e-4},
+    ),
+):
+    register_scratch(_scratch)
+
+
+def architecture_names() -> list[str]:
+    """Registered backbone names, sorted."""
+    return sorted(_ARCHITECTURES)
+
+
+def scratch_variant_names() -> list[str]:
+    """Registered from-scratch variants, sorted."""
+    return sorted(_SCRATCH)
+
+
+def candidate_names(*, include_finetune: bool = False) -> list[str]:
+    """Every trainable candidate name: ``scratch_<variant>`` then ``transfer_<arch>``.
+
+    Args:
+        include_finetune: Also list ``finetune_<arch>`` (made from transfer candidates).
+    """
+    names = [f"scratch_{v}" for v in scratch_variant_names()]
+    names += [f"transfer_{a}" for a in architecture_names()]
+    if include_finetune:
+        names += [f"finetune_{a}" for a in architecture_names()]
+    return names
+
+
+def _unknown(what: str, name: str, known: list[str]) -> UnknownArchitectureError:
+    return UnknownArchitectureError(f"unknown {what} {name!r}; known: {', '.join(known)}")
+
+
+def parse_candidate(name: str) -> tuple[str, str]:
+    """Split a candidate name into (kind, variant-or-architecture).
+
+    ``"transfer_mobilenet_v2"`` -> ``("transfer", "mobilenet_v2")``; ``"scratch_small"`` ->
+    ``("scratch", "small")``. Raises UnknownArchitectureError listing the known candidates.
+    """
+    kind, sep, rest = str(name).partition("_")
+    if sep and kind == "scratch" and rest in _SCRATCH:
+        return kind, rest
+    if sep and kind in ("transfer", "finetune") and rest in _ARCHITECTURES:
+        return kind, rest
+    raise _unknown("candidate", name, candidate_names(include_finetune=True))
+
+
+def get_architecture(name: str) -> ArchitectureSpec:
+    """The backbone entry for an architecture name (``mobilenet_v2``).
+
+    A transfer/finetune candidate name (``transfer_mobilenet_v2``) is accepted too. Raises
+    UnknownArchitectureError listing the known architectures.
+    """
+    if name in _ARCHITECTURES:
+        return _ARCHITECTURES[name]
+    kind, sep, rest = str(name).partition("_")
+    if sep and kind in ("transfer", "finetune") and rest in _ARCHITECTURES:
+        return _ARCHITECTURES[rest]
+    raise _unknown("architecture", name, architecture_names())
+
+
+def get_scratch_variant(name: str) -> ScratchSpec:
+    """The scratch entry for ``small`` or ``scratch_small``; unknown names raise with the known ones."""
+    variant = name.removeprefix("scratch_")
+    if variant in _SCRATCH:
+        return _SCRATCH[variant]
+    raise _unknown("scratch variant", name, scratch_variant_names())

@@ -1,0 +1,167 @@
+"""Cached "bottleneck" features (retrain.py's trick) for transfer candidates without augmentation.
+
+A frozen backbone gives the same pooled features for an image every epoch, so they are
+computed once per (dataset_hash, architecture, image_size, alpha, weights id) and stored as
+``<cache_root>/bottlenecks/<dataset_hash>/<arch>-<size>-<key>.npy`` (N x D float32, rows in
+image-cache order) with a ``.json`` sidecar holding its sha256. A damaged file is recomputed;
+two builders at once serialise on a file lock and the second reuses the first one's result.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ml.models.weights import file_sha256
+
+if TYPE_CHECKING:
+    import keras
+
+    from ml.data.image_cache import ImageCache
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Bottlenecks:
+    """Pooled backbone features of every cached image.
+
+    Attributes:
+        features: N x D float32 (read-only memmap), row i = image-cache row i.
+        path: The .npy file.
+        hit: True when the features came from the cache (not computed now).
+    """
+
+    features: np.ndarray
+    path: Path
+    hit: bool
+
+
+def bottleneck_path(
+    cache_root: Path | str,
+    dataset_hash: str,
+    architecture: str,
+    image_size: int,
+    weights_id: str,
+    alpha: float | None = None,
+) -> Path:
+    """Where the features of one (dataset, architecture, size, alpha, weights) live."""
+    key = json.dumps(
+        {
+            "arch": architecture,
+            "size": int(image_size),
+            "alpha": alpha,
+            "weights": weights_id,
+            "v": FORMAT_VERSION,
+        },
+        sort_keys=True,
+    )
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    return Path(cache_root) / "bottlenecks" / dataset_hash / f"{architecture}-{int(image_size)}-{digest}.npy"
+
+
+def load_or_compute(
+    cache: ImageCache, extractor: keras.Model, path: Path, *, batch_size: int = 64
+) -> Bottlenecks:
+    """Features for every row of `cache` from `path`, computing and storing them if needed.
+
+    Args:
+        cache: The image cache the rows refer to.
+        extractor: image -> pooled features model (`ml.models.transfer.feature_extractor`).
+        path: From `bottleneck_path`.
+        batch_size: Images per forward pass.
+    """
+    found = _try_load(path, len(cache))
+    if found is not None:
+        log.info("bottlenecks: cache hit %s (%d x %d)", path, *found.shape)
+        return Bottlenecks(found, path, hit=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _exclusive_lock(path.with_suffix(".lock")):
+        found = _try_load(path, len(cache))
+        if found is not None:
+            return Bottlenecks(found, path, hit=True)
+        _compute(cache, extractor, path, batch_size)
+    features = np.load(path, mmap_mode="r")
+    return Bottlenecks(features, path, hit=False)
+
+
+def _sidecar(path: Path) -> Path:
+    return path.with_suffix(".json")
+
+
+def _try_load(path: Path, rows: int) -> np.ndarray | None:
+    sidecar = _sidecar(path)
+    if not path.is_file() or not sidecar.is_file():
+        return None
+    try:
+        meta = json.loads(sidecar.read_text())
+        if meta.get("sha256") != file_sha256(path):
+            raise ValueError("sha256 mismatch")
+        features = np.load(path, mmap_mode="r")
+    except (OSError, ValueError) as exc:
+        log.warning("bottleneck cache %s is damaged and will be recomputed: %s", path, exc)
+        return None
+    if features.ndim != 2 or features.shape[0] != rows:
+        log.warning(
+            "bottleneck cache %s has shape %s, expected %d rows: recomputing", path, features.shape, rows
+        )
+        return None
+    return features
+
+
+@contextlib.contextmanager
+def _exclusive_lock(path: Path) -> Iterator[None]:
+    with path.open("a+") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def _compute(cache: ImageCache, extractor: keras.Model, path: Path, batch_size: int) -> None:
+    started = time.monotonic()
+    n = len(cache)
+    dim = int(extractor.output_shape[-1])
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}.npy")
+    try:
+        from ml.training.input_pipeline import split_dataset
+
+        # One predict() over a streamed dataset: one tf.function trace, batches from the memmap.
+        images = split_dataset(cache, "all", batch_size=batch_size).map(lambda x, y: x)
+        features = np.asarray(extractor.predict(images, verbose=0), dtype=np.float32).reshape(n, dim)
+        np.save(tmp, features)
+        digest = file_sha256(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    side_tmp = _sidecar(path).with_name(f".{path.stem}.json.tmp-{uuid.uuid4().hex[:8]}")
+    side_tmp.write_text(
+        json.dumps(
+            {
+                "sha256": digest,
+                "shape": [n, dim],
+                "dataset_hash": cache.dataset_hash,
+                "image_size": cache.image_size,
+                "version": FORMAT_VERSION,
+            }
+        )
+    )
+    os.replace(side_tmp, _sidecar(path))
+    log.info(
+        "bottlenecks: computed %d x %d features in %.1fs -> %s", n, dim, time.monotonic() - started, path
+    )

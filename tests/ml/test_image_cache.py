@@ -1,0 +1,143 @@
+"""The decoded-image cache: round trip, reuse, rebuild after damage, concurrent builders."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from ml.data.image_cache import CacheCorruptError, ImageCache, build_image_cache, cache_folder
+from ml.data.images import load_rgb, resize_square
+from ml.errors import DataError
+
+SIZE = 32
+
+
+def test_round_trip_matches_decode_and_resize(tiny_dataset: Path, tmp_path: Path) -> None:
+    cache = build_image_cache(tiny_dataset, SIZE, tmp_path, workers=1)
+
+    manifest = pd.read_parquet(tiny_dataset / "manifest.parquet")
+    ok = manifest[manifest["status"] == "ok"]
+    assert len(cache) == len(ok) == 36
+    assert cache.images.shape == (36, SIZE, SIZE, 3) and cache.images.dtype == np.uint8
+    assert cache.labels == sorted(ok["label"].unique())
+    row = 5
+    path = cache.index.loc[row, "path"]
+    expected = resize_square(load_rgb(tiny_dataset / path), SIZE)
+    np.testing.assert_array_equal(cache.gather([row])[0], expected)
+    label = ok.set_index("path").loc[path, "label"]
+    assert cache.labels[cache.label_indices([row])[0]] == label
+    assert "images/broken.jpg" not in set(cache.index["path"])
+
+
+def test_splits_and_gather_order(tiny_dataset: Path, tmp_path: Path) -> None:
+    cache = build_image_cache(tiny_dataset, SIZE, tmp_path, workers=1)
+
+    sizes = {s: len(cache.split_indices(s)) for s in ("train", "val", "test")}
+    rows = np.array([7, 2, 30])
+    batch = cache.gather(rows)
+
+    assert sizes == {"train": 24, "val": 6, "test": 6}
+    for i, r in enumerate(rows):
+        np.testing.assert_array_equal(batch[i], cache.images[r])
+    with pytest.raises(DataError, match="split must be one of"):
+        cache.split_indices("holdout")
+
+
+def test_second_build_reuses_the_cache(tiny_dataset: Path, tmp_path: Path) -> None:
+    first = build_image_cache(tiny_dataset, SIZE, tmp_path, workers=1)
+    mtime = (first.folder / "images.u8").stat().st_mtime_ns
+
+    second = ImageCache.open(tiny_dataset, SIZE, tmp_path, workers=1)
+
+    assert second.folder == first.folder
+    assert (second.folder / "images.u8").stat().st_mtime_ns == mtime
+    info = json.loads((tiny_dataset / "dataset.json").read_text())
+    assert first.folder == cache_folder(tmp_path, info["dataset_hash"], SIZE)
+
+
+@pytest.mark.parametrize("damage", ["bit_flip", "truncate", "missing_meta"])
+def test_damaged_cache_is_rebuilt(
+    tiny_dataset: Path, tmp_path: Path, damage: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    cache = build_image_cache(tiny_dataset, SIZE, tmp_path, workers=1)
+    good = np.array(cache.images)
+    images = cache.folder / "images.u8"
+    if damage == "bit_flip":
+        data = bytearray(images.read_bytes())
+        data[len(data) // 2] ^= 0x10
+        images.write_bytes(bytes(data))
+    elif damage == "truncate":
+        images.write_bytes(images.read_bytes()[:-100])
+    else:
+        (cache.folder / "meta.json").unlink()
+    with pytest.raises(CacheCorruptError):
+        ImageCache.load(cache.folder)
+
+    with caplog.at_level(logging.WARNING, logger="ml.data.image_cache"):
+        rebuilt = build_image_cache(tiny_dataset, SIZE, tmp_path, workers=1)
+
+    assert "will be rebuilt" in caplog.text
+    np.testing.assert_array_equal(np.array(rebuilt.images), good)
+    ImageCache.load(rebuilt.folder)  # verifies again
+
+
+def test_parallel_decode_equals_serial(
+    fresh_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import ml.data.image_cache as image_cache
+
+    monkeypatch.setattr(image_cache, "PARALLEL_MIN_IMAGES", 1)
+    monkeypatch.setattr(image_cache, "DECODE_WINDOW", 5)  # several windows, one partial
+    serial = build_image_cache(fresh_dataset, SIZE, tmp_path / "a", workers=1)
+
+    parallel = build_image_cache(fresh_dataset, SIZE, tmp_path / "b", workers=2)
+
+    np.testing.assert_array_equal(np.array(parallel.images), np.array(serial.images))
+
+
+def test_concurrent_builders_agree(tiny_dataset: Path, tmp_path: Path) -> None:
+    results: list[ImageCache] = []
+    errors: list[BaseException] = []
+
+    def build() -> None:
+        try:
+            results.append(build_image_cache(tiny_dataset, SIZE, tmp_path, workers=1))
+        except BaseException as exc:  # surfaced by the assert below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=build) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+    assert not errors
+    assert len({r.folder for r in results}) == 1
+    ImageCache.load(results[0].folder)
+    leftovers = [p.name for p in results[0].folder.parent.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
+    assert leftovers == []
+
+
+def test_resplit_dataset_reuses_pixels(fresh_dataset: Path, tmp_path: Path) -> None:
+    first = build_image_cache(fresh_dataset, SIZE, tmp_path, workers=1)
+    manifest = pd.read_parquet(fresh_dataset / "manifest.parquet")
+    manifest.loc[manifest["split"] == "val", "split"] = "train"
+    manifest.to_parquet(fresh_dataset / "manifest.parquet", index=False)
+
+    second = build_image_cache(fresh_dataset, SIZE, tmp_path, workers=1)
+
+    assert len(first.split_indices("val")) == 6
+    assert len(second.split_indices("val")) == 0
+    assert len(second.split_indices("train")) == 30
+
+
+def test_missing_manifest_is_reported(tmp_path: Path) -> None:
+    (tmp_path / "ds").mkdir()
+    with pytest.raises(DataError, match="dataset.json is missing"):
+        build_image_cache(tmp_path / "ds", SIZE, tmp_path / "cache")
