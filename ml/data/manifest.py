@@ -1,7 +1,7 @@
 """The manifest: one row per image with its content hash, geometry, format, pHash and status.
 
-Images are checked in a process pool (chunks of paths, so the pickling cost is per chunk, not
-per image). Headers are read before any pixel is decoded, so a decompression bomb is refused
+Images are checked by a thread pool (OpenCV and hashlib release the GIL, so both cores work).
+Headers are read before any pixel is decoded, so a decompression bomb is refused
 from its declared size. Nothing here raises on a bad image: it is quarantined with a reason.
 """
 
@@ -198,7 +198,7 @@ def build_manifest(
         items: Image paths (absolute, or relative to `dataset_dir`) with their labels.
         dataset_dir: Folder the `path` column is made relative to.
         max_pixels: Images whose header declares more pixels are quarantined undecoded.
-        workers: Processes to use; None means every available core, 1 means in-process.
+        workers: Threads to use; None means one per available core, 1 means in the calling thread.
 
     Returns:
         One row per item, in input order; `split` is "" (see `ml.data.splits.assign_splits`).
@@ -246,15 +246,16 @@ def build_manifest(
 
 
 def _inspect_in_pool(paths: list[str], max_pixels: int, workers: int) -> list[dict[str, Any]]:
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures import ThreadPoolExecutor
 
-    # ~8 chunks per worker balances load without paying per-image pickling.
+    # Threads, not processes: OpenCV decoding, hashlib and the DCT release the GIL, so threads
+    # keep both cores busy (3,150 images/s vs 2,200-4,000 for a forkserver pool on 2,000 96 px
+    # JPEGs), and they cannot deadlock a task process that already runs threads (Airflow, TF)
+    # or break a caller script without an `if __name__ == "__main__"` guard.
+    # ~8 chunks per worker balances load.
     size = max(16, -(-len(paths) // (workers * 8)))
     chunks = [paths[i : i + size] for i in range(0, len(paths), size)]
-    # forkserver: forking a process that runs threads (Airflow, GX, TF) can deadlock.
-    ctx = multiprocessing.get_context("forkserver")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="manifest") as pool:
         results = pool.map(_inspect_chunk, chunks, [max_pixels] * len(chunks))
         return [row for chunk in results for row in chunk]
 
