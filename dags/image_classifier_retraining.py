@@ -181,7 +181,8 @@ def image_classifier_retraining():
             """The top-k transfer candidates by validation accuracy."""
             from ml.pipeline import select_for_finetuning
 
-            return select_for_finetuning(list(results), _config())
+            # By index: iterating a mapped result probes one past the end and logs an error.
+            return select_for_finetuning([results[i] for i in range(len(results))], _config())
 
         @task(pool="training", queue="training", map_index_template="{{ candidate_label }}",
               execution_timeout=timedelta(hours=6))
@@ -201,14 +202,18 @@ def image_classifier_retraining():
 
     @task_group(group_id="release")
     def release_stage(dataset, quality, trained, finetuned):
-        # One failed candidate must not hide the others: evaluate whatever finished.
-        @task(trigger_rule="all_done_min_one_success")
-        def evaluate(dataset: dict, trained: list[dict], finetuned: list[dict]) -> dict:
+        # Skipped upstreams are fine (a fine-tune mapped over zero candidates is "skipped");
+        # a failed training is not: the run stops there, and clearing that task resumes it.
+        # Results are read from the store, so retried or cleared tasks are picked up as published.
+        @task(trigger_rule="none_failed_min_one_success")
+        def evaluate(dataset: dict) -> dict:
             """Every candidate and the production model on the same test split; the leaderboard."""
-            from ml.pipeline import evaluate_stage
+            from ml.pipeline import evaluate_stage, published_candidates
 
             config = _config()
-            return evaluate_stage(dataset["dataset_dir"], [*trained, *finetuned], config, _store(config), _run_id())
+            store = _store(config)
+            results = published_candidates(config, store, _run_id())
+            return evaluate_stage(dataset["dataset_dir"], results, config, store, _run_id())
 
         @task(retries=1)
         def gate(dataset: dict, evaluation: dict) -> dict:
@@ -239,7 +244,8 @@ def image_classifier_retraining():
             get_current_context()["outlet_events"][PRODUCTION_MODEL].extra = {
                 "version": result["version"], "uri": result["uri"]}
 
-        evaluation = evaluate(dataset, trained, finetuned)
+        evaluation = evaluate(dataset)
+        [trained, finetuned] >> evaluation
         result = promote(dataset, evaluation, gate(dataset, evaluation), quality)
         promoted(result) >> announce(result)
 

@@ -107,7 +107,7 @@ class TrainConfig:
     learning_rate: float = 1e-3
     weights: str = "none"  # WEIGHT_CHOICES_HELP; 'none' is the offline default
     seed: int = 1337
-    early_stopping_patience: int = 4
+    early_stopping_patience: int = 6
     label_smoothing: float = 0.0
     augment: bool = True
     class_weight_threshold: float = 1.5  # imbalance ratio above which classes are re-weighted

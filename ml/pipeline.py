@@ -516,6 +516,17 @@ def ensure_candidate_local(store: ObjectStore | None, config: PipelineConfig, ru
     return local
 
 
+def published_candidates(config: PipelineConfig, store: ObjectStore | None, run_id: str) -> list[dict[str, Any]]:
+    """Summaries of every candidate this run published (the marker object exists), by name."""
+    if store is None:
+        base = local_run_dir(config, run_id)
+        return [json.loads(p.read_text()) for p in sorted(base.glob(f"*/{CANDIDATE_MARKER}"))]
+    prefix = f"{run_prefix(config, run_id)}/"
+    keys = sorted(k for k in store.list_keys(prefix) if k.count("/") == prefix.count("/") + 1
+                  and k.endswith("/" + CANDIDATE_MARKER))
+    return [store.get_json(k) for k in keys]
+
+
 def _published_summary(store: ObjectStore | None, config: PipelineConfig, run_id: str,
                        candidate: str) -> dict[str, Any] | None:
     if store is None:

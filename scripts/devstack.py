@@ -38,8 +38,8 @@ BUCKET = "ml-models"
 MODEL_NAME = "image-classifier"
 
 # Sized so the whole demo (two candidates + one fine-tune) takes a few minutes on 2 cores.
-SAMPLE = {"classes": 5, "per_class": 80, "size": 64, "seed": 7}
-DEMO_PARAMS = {"epochs": 12, "image_size": 64, "candidates": ["scratch_small", "transfer_mobilenet_v2"],
+SAMPLE = {"classes": 5, "per_class": 150, "size": 64, "seed": 7}
+DEMO_PARAMS = {"epochs": 15, "image_size": 64, "candidates": ["scratch_small", "transfer_mobilenet_v2"],
                "finetune_top_k": 1, "force": True}
 
 

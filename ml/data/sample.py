@@ -82,7 +82,8 @@ def make_sample_dataset(
     encode = [int(cv2.IMWRITE_JPEG_QUALITY), JPEG_QUALITY]
 
     def write(path: Path, label: int) -> None:
-        image = render(rng, label % len(SHAPES), TEXTURES.index(names[label].split("_")[0]), size)
+        hue = 180.0 * label / classes
+        image = render(rng, label % len(SHAPES), TEXTURES.index(names[label].split("_")[0]), size, hue)
         ok, buf = cv2.imencode(".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR), encode)
         if not ok:  # pragma: no cover - cv2 always encodes uint8 RGB
             raise RuntimeError(f"cv2 could not encode {path}")
@@ -138,6 +139,15 @@ def _unique_hex_ids(rng: np.random.Generator, n: int, exclude: set[str] | None =
 
 def _colour(rng: np.random.Generator) -> np.ndarray:
     return rng.integers(0, 256, size=3).astype(np.float32)
+
+
+def _hued(rng: np.random.Generator, hue: float) -> np.ndarray:
+    import cv2
+
+    h = (hue + rng.normal(0, 10)) % 180  # +-10 of 180 (~20 degrees): neighbours overlap a little
+    hsv = np.array([[[h, rng.uniform(140, 255), rng.uniform(140, 255)]]], dtype=np.float32)
+    hsv_u8 = np.clip(hsv, 0, 255).astype(np.uint8)
+    return cv2.cvtColor(hsv_u8, cv2.COLOR_HSV2RGB)[0, 0].astype(np.float32)
 
 
 def _contrasting(rng: np.random.Generator, other: np.ndarray, min_distance: float = 120.0) -> np.ndarray:
@@ -205,8 +215,13 @@ def _texture(texture: int, size: int, rng: np.random.Generator) -> np.ndarray:
     return (du * du + dv * dv <= (period * 0.3) ** 2).astype(np.float32)
 
 
-def render(rng: np.random.Generator, shape: int, texture: int, size: int) -> np.ndarray:
-    """One RGB uint8 image of `shape` filled with `texture` on a cluttered background."""
+def render(rng: np.random.Generator, shape: int, texture: int, size: int, hue: float | None = None) -> np.ndarray:
+    """One RGB uint8 image of `shape` filled with `texture` on a cluttered background.
+
+    `hue` (OpenCV's 0-180 scale) biases the shape's main colour towards a class hue: a cue a model
+    picks up within a few epochs (like fur colour for a breed), not a giveaway (it is jittered
+    and neighbouring classes overlap), so shape and texture still matter.
+    """
     import cv2
 
     # Background: a smooth random colour field plus thin clutter lines and small blobs.
@@ -246,9 +261,10 @@ def render(rng: np.random.Generator, shape: int, texture: int, size: int) -> np.
         cv2.fillPoly(mask, [to_px(p) for p in holes], 0, lineType=cv2.LINE_AA, shift=4)
     alpha = (mask.astype(np.float32) / 255.0)[..., None]
 
-    fg = _colour(rng)
+    fg = _colour(rng) if hue is None else _hued(rng, hue)
     bg_mean = image.reshape(-1, 3).mean(axis=0)
-    fg = _contrasting(rng, bg_mean, 100.0) if np.linalg.norm(fg - bg_mean) < 100 else fg
+    if hue is None and np.linalg.norm(fg - bg_mean) < 100:
+        fg = _contrasting(rng, bg_mean, 100.0)
     second = _contrasting(rng, fg)
     pattern = _texture(texture, size, rng)[..., None]
     fill = pattern * fg + (1.0 - pattern) * second

@@ -26,13 +26,13 @@ def sample(tmp_path_factory):
     from ml.data.sample import make_sample_dataset
 
     dest = tmp_path_factory.mktemp("sample") / "dog-breeds"
-    make_sample_dataset(dest, classes=3, per_class=40, size=48, seed=3)
+    make_sample_dataset(dest, classes=3, per_class=120, size=48, seed=3)
     return dest
 
 
 def test_first_run_promotes_then_worse_challenger_keeps_production(pipeline_env, sample):
     store = pipeline_env["store"]
-    conf = {"source": str(sample), "candidates": ["scratch_tiny", "transfer_mobilenet_v2"], "epochs": 6,
+    conf = {"source": str(sample), "candidates": ["scratch_small", "transfer_mobilenet_v2"], "epochs": 20,
             "image_size": 48, "finetune_top_k": 1}
 
     first = _run(conf)
@@ -45,7 +45,7 @@ def test_first_run_promotes_then_worse_challenger_keeps_production(pipeline_env,
     assert store.exists(f"{MODEL}/versions/{pointer['version']}/COMPLETE")
     report = store.get_json(f"{MODEL}/runs/{_safe(first.run_id)}/report.json")
     names = {row["candidate"] for row in report["leaderboard"]}
-    assert {"scratch_tiny", "transfer_mobilenet_v2", "finetune_mobilenet_v2"} <= names
+    assert {"scratch_small", "transfer_mobilenet_v2", "finetune_mobilenet_v2"} <= names
 
     # The promoted model loads through ml.serving and beats chance on the held-out split.
     from ml.serving.predictor import load_production
