@@ -209,6 +209,17 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_retention(args: argparse.Namespace) -> int:
+    """Remove old runs' artifacts (and, if asked, never-promoted versions); production stays."""
+    from ml.registry.retention import apply_retention
+
+    config = _config(args)
+    store = open_store(config)
+    _print_json(apply_retention(store, config.storage.model_name, keep_runs=args.keep_runs,
+                                dry_run=args.dry_run, prune_versions=args.prune_versions))
+    return 0
+
+
 def _predictor(model: str, config: PipelineConfig):
     from ml.serving.predictor import load_local, load_production, load_version
 
@@ -238,7 +249,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
     config = _config(args)
     predictor = _predictor(args.model, config)
-    out = write_submission(predictor, Path(args.dataset), Path(args.out))
+    out = write_submission(predictor, Path(args.dataset), Path(args.out),
+                           sample_submission=Path(args.sample) if args.sample else None)
     print(f"wrote {out['rows']} predictions for {out['classes']} classes to {args.out}")
     return 0
 
@@ -316,6 +328,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reason", default="manual rollback")
     p.set_defaults(func=cmd_rollback)
 
+    p = sub.add_parser("retention", help="delete old runs' artifacts; never production or rollback targets")
+    p.add_argument("--keep-runs", type=int, required=True, metavar="N", help="keep the newest N runs (N >= 1)")
+    p.add_argument("--dry-run", action="store_true", help="report what would be removed, delete nothing")
+    p.add_argument("--prune-versions", action="store_true",
+                   help="also delete versions never in production (older than a day)")
+    p.set_defaults(func=cmd_retention)
+
     p = sub.add_parser("predict", help="top-k labels for images")
     p.add_argument("--model", default="production", help="production, a version id, or a model.keras path")
     p.add_argument("--top-k", type=int, default=5)
@@ -326,6 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--model", default="production")
+    p.add_argument("--sample", help="Kaggle's sample_submission.csv: column and row order "
+                                    "(default: DATASET/sample_submission.csv if present, else sorted labels)")
     p.set_defaults(func=cmd_submit)
     return parser
 

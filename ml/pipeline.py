@@ -438,6 +438,7 @@ def _publish_version(version: str, dataset: Mapping[str, Any], evaluation: Mappi
                      quality: Mapping[str, Any] | None) -> dict[str, Any]:
     import ml
     from ml.evaluation.model_card import render_model_card
+    from ml.registry.exports import build_exports, golden_images, verify_exports
     from ml.registry.versions import publish_version
 
     candidate = decision["challenger"]
@@ -465,9 +466,22 @@ def _publish_version(version: str, dataset: Mapping[str, Any], evaluation: Mappi
     (stage / "model_card.html").write_text(card)
     files = {name: cand_dir / name for name in ("model.keras", "labels.json", "preprocessing.json")}
     files.update({name: stage / name for name in ("metrics.json", "lineage.json", "model_card.html")})
+    # Serving exports (SavedModel, TFLite) ship only once they agree with model.keras on golden
+    # test images; golden.npz goes with them so a consumer can check its own runtime the same way.
+    image_size = int(json.loads((cand_dir / "preprocessing.json").read_text())["image_size"])
+    golden = golden_images(dataset["dataset_dir"], image_size, cache_root(config))
+    exports = build_exports(cand_dir / "model.keras", stage / "exports", golden_images=golden)
+    checked = verify_exports(exports, model_path=cand_dir / "model.keras")["checked"]
+    files.update(exports)
+    export_info = {name: {"bytes": path.stat().st_size,
+                          "max_abs_diff": checked[name]["max_abs_diff"] if name in checked else None}
+                   for name, path in exports.items()}
+    log.info("promote: exports verified on %d golden test images: %s", len(golden),
+             ", ".join(f"{name} {meta['bytes'] / 1024:.1f} KB" for name, meta in sorted(export_info.items())))
     info = publish_version(store, config.storage.model_name, version, files,
                            {"candidate": candidate, "run_id": run_id, "metrics": _score_fields(metrics),
-                            "labels": labels, "dataset_hash": dataset["dataset_hash"]})
+                            "labels": labels, "dataset_hash": dataset["dataset_hash"],
+                            "exports": export_info})
     return {"uri": info.get("uri", store.uri(f"{config.storage.model_name}/versions/{version}/")),
             "sha256": info["sha256"], "metrics": _score_fields(metrics), "labels": labels}
 
