@@ -22,6 +22,7 @@ username, password = key), or from the environment when those are not defined.
 
 from __future__ import annotations
 
+import os
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,9 @@ from ml.config import PRODUCTION_ASSET_NAME, PRODUCTION_ASSET_URI
 from ml.models.registry import candidate_names
 
 PRODUCTION_MODEL = Asset(name=PRODUCTION_ASSET_NAME, uri=PRODUCTION_ASSET_URI)
+# Cron or preset (default weekly); "none" for manual/API triggers only. An environment variable,
+# not the YAML file: the scheduler parses this file every few seconds and must not do I/O.
+SCHEDULE = os.environ.get("ML_RETRAIN_SCHEDULE", "@weekly")
 
 # Deterministic failures: retrying cannot help, so fail at once (I/O errors still retry).
 NO_RETRY_ON_BAD_INPUT = ExceptionRetryPolicy(rules=[
@@ -112,7 +116,7 @@ def _on_failure(context) -> None:
 @dag(
     dag_id=Path(__file__).stem,
     doc_md=__doc__,
-    schedule="@weekly",
+    schedule=None if SCHEDULE.lower() in ("", "none") else SCHEDULE,
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=1,

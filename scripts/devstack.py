@@ -34,6 +34,8 @@ SAMPLE_DIR = DEMO / "data" / "sample"
 STANDALONE_PID = AIRFLOW_HOME / "standalone.pid"
 STANDALONE_LOG = AIRFLOW_HOME / "standalone.log"
 DAG_ID = "image_classifier_retraining"
+API_PORT = int(os.environ.get("ML_DEMO_AIRFLOW_PORT", "8080"))
+RUN_TIMEOUT_S = 1800
 BUCKET = "ml-models"
 MODEL_NAME = "image-classifier"
 
@@ -66,7 +68,15 @@ def start_store() -> SeaweedServer:
     server.start(detach=True)
     say(f"object store (SeaweedFS) started at {server.endpoint_url} (pid {server.pid}, "
         f"{server.startup_seconds:.1f} s)")
+    demo_store(server).ensure_bucket()
     return server
+
+
+def demo_store(server: SeaweedServer):
+    from ml.registry.store import ObjectStore
+
+    return ObjectStore(BUCKET, endpoint_url=server.endpoint_url, access_key=server.access_key,
+                       secret_key=server.secret_key)
 
 
 def airflow_env(server: SeaweedServer) -> dict[str, str]:
@@ -87,7 +97,13 @@ def airflow_env(server: SeaweedServer) -> dict[str, str]:
         "AIRFLOW__CORE__MAX_ACTIVE_TASKS_PER_DAG": "4",
         "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{AIRFLOW_HOME / 'airflow.db'}",
         "AIRFLOW__API__HOST": "127.0.0.1",
-        "AIRFLOW__API__PORT": "8080",
+        "AIRFLOW__API__PORT": str(API_PORT),
+        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{API_PORT}/execution/",
+        "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
+        # The demo runs on demand; a scheduled weekly run would start as soon as the DAG is unpaused.
+        "ML_RETRAIN_SCHEDULE": "none",
+        # Local executor: one worker per core is what 2 cores can use.
+        "AIRFLOW__CORE__DAG_FILE_PROCESSOR_TIMEOUT": "120",
         "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO",
         "AIRFLOW_CONN_ML_OBJECT_STORE": json.dumps(conn),
         "ML_S3_ENDPOINT_URL": server.endpoint_url or "",
@@ -130,11 +146,9 @@ def ensure_sample() -> Path:
 
 def print_outcome(server: SeaweedServer, run_id: str | None) -> int:
     from ml.evaluation.leaderboard import format_leaderboard_table
-    from ml.registry.store import ObjectStore
     from ml.registry.versions import promotion_history, read_pointer
 
-    store = ObjectStore(BUCKET, endpoint_url=server.endpoint_url, access_key=server.access_key,
-                        secret_key=server.secret_key)
+    store = demo_store(server)
     history = promotion_history(store, MODEL_NAME)
     entry = next((e for e in reversed(history) if run_id is None or e.get("run_id") == run_id), None)
     if entry is None:
@@ -154,44 +168,94 @@ def print_outcome(server: SeaweedServer, run_id: str | None) -> int:
     if pointer:
         say(f"production model: {pointer['uri']} (version {pointer['version']}, "
             f"test accuracy {pointer['metrics'].get('accuracy', float('nan')):.3f})")
-    say(f"run report: {store.uri(f'{MODEL_NAME}/runs/{safe_run_id(entry['run_id'])}/report.html')}")
+    report_key = f"{MODEL_NAME}/runs/{safe_run_id(entry['run_id'])}/report.html"
+    say(f"run report: {store.uri(report_key)}")
     return 0
 
 
-def latest_run_id(env: dict[str, str]) -> str | None:
-    out = subprocess.run([str(venv_bin() / "airflow"), "dags", "list-runs", DAG_ID, "-o", "json"],
-                         env=env, cwd=REPO, capture_output=True, text=True)
-    try:
-        runs = json.loads(out.stdout or "[]")
-    except json.JSONDecodeError:
-        return None
-    runs.sort(key=lambda r: r.get("start_date") or "")
-    return runs[-1]["run_id"] if runs else None
+def airflow_json(env: dict[str, str], *args: str) -> object:
+    out = subprocess.run([str(venv_bin() / "airflow"), *args, "-o", "json"], env=env, cwd=REPO,
+                         capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"airflow {' '.join(args)} failed: {out.stderr.strip().splitlines()[-1:]}")
+    # Airflow may print log lines before the JSON: parse from the first line that is JSON.
+    lines = out.stdout.strip().splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith(("[{", "[]", "{")) or line in ("[", "{"):
+            return json.loads("\n".join(lines[i:]))
+    return None
+
+
+def wait_for_dag(env: dict[str, str], timeout: float = 180) -> None:
+    """Until the dag-processor has parsed and serialized the DAG."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            dags = airflow_json(env, "dags", "list")
+        except RuntimeError:
+            dags = []
+        if any(d.get("dag_id") == DAG_ID for d in dags or []):
+            return
+        time.sleep(3)
+    raise SystemExit(f"[demo] the DAG {DAG_ID} was not parsed within {timeout:.0f} s; see {STANDALONE_LOG}")
+
+
+def trigger_and_wait(env: dict[str, str], conf: dict) -> tuple[str, str]:
+    """Trigger a run with `conf`, print task progress, return (run_id, final state)."""
+    run_id = "demo__" + time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+    airflow(env, "dags", "unpause", DAG_ID, quiet=True, check=False)
+    airflow(env, "dags", "trigger", DAG_ID, "--run-id", run_id, "--conf", json.dumps(conf), quiet=True)
+    say(f"triggered run {run_id}; follow it at http://localhost:{API_PORT}/dags/{DAG_ID}")
+    seen: dict[str, str] = {}
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while time.monotonic() < deadline:
+        time.sleep(5)
+        try:
+            tis = airflow_json(env, "tasks", "states-for-dag-run", DAG_ID, run_id) or []
+        except RuntimeError:
+            continue
+        for ti in tis:
+            index = str(ti.get("map_index") if ti.get("map_index") is not None else "-1")
+            label = ti["task_id"] + (f"[{index}]" if index not in ("-1", "") else "")
+            state = ti.get("state") or "none"
+            if seen.get(label) != state and state in ("running", "success", "failed", "skipped", "up_for_retry"):
+                say(f"  {label:36} {state}")
+            seen[label] = state
+        runs = airflow_json(env, "dags", "list-runs", DAG_ID) or []
+        state = next((r["state"] for r in runs if r["run_id"] == run_id), "queued")
+        if state in ("success", "failed"):
+            return run_id, state
+    return run_id, "timed out"
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     source = ensure_sample()
     server = start_store()
-    stop_store = not args.keep_running and not _standalone_running()
+    already_up = _standalone_running()
+    stop_all = not args.keep_running and not already_up
     try:
         env = airflow_env(server)
-        prepare_airflow(env)
+        if not already_up:
+            prepare_airflow(env)
+            start_standalone(env)
+        wait_for_dag(env)
         conf = {**DEMO_PARAMS, "source": str(source)}
-        say(f"running DAG {DAG_ID} through Airflow (LocalExecutor, parallel training) ...")
-        run = airflow(env, "dags", "test", DAG_ID, "--conf", json.dumps(conf), "--use-executor", check=False)
-        run_id = latest_run_id(env)
+        say(f"running DAG {DAG_ID} on airflow standalone (LocalExecutor; trainings run in parallel) ...")
+        run_id, state = trigger_and_wait(env, conf)
         code = print_outcome(server, run_id)
-        if run.returncode != 0:
-            say(f"the DAG run failed (exit {run.returncode}); task logs: {AIRFLOW_HOME / 'logs'}")
-            return run.returncode
-        say(f"demo finished in {time.perf_counter() - started:.0f} s. `make up` shows it at http://localhost:8080; "
-            "then try: .venv/bin/python -m ml predict --model production <image>")
+        if state != "success":
+            say(f"the DAG run ended {state}; task logs: {AIRFLOW_HOME / 'logs'} (or the UI with `make up`)")
+            return 1
+        say(f"demo finished in {time.perf_counter() - started:.0f} s. `make up` shows it at "
+            f"http://localhost:{API_PORT}; then try: .venv/bin/python -m ml predict --model production "
+            f"{SAMPLE_DIR.relative_to(REPO)}/test/<image>.jpg")
         return code
     finally:
-        if stop_store:
+        if stop_all:
+            stop_standalone()
             server.stop()
-            say("object store stopped")
+            say("airflow and the object store stopped")
 
 
 def _standalone_running() -> bool:
@@ -212,19 +276,51 @@ def cmd_up(args: argparse.Namespace) -> int:
     if _standalone_running():
         say(f"airflow standalone already running (pid {STANDALONE_PID.read_text().strip()})")
     else:
-        with STANDALONE_LOG.open("ab") as logf:
-            proc = subprocess.Popen([str(venv_bin() / "airflow"), "standalone"], env=env, cwd=REPO,
-                                    stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
-        STANDALONE_PID.write_text(str(proc.pid))
-        say(f"airflow standalone started (pid {proc.pid}, log {STANDALONE_LOG.relative_to(REPO)}); waiting for the UI")
-        _wait_http("http://127.0.0.1:8080/api/v2/monitor/health", timeout=180)
+        start_standalone(env)
     password_file = AIRFLOW_HOME / "simple_auth_manager_passwords.json.generated"
     password = json.loads(password_file.read_text()).get("admin") if password_file.exists() else "(see log)"
-    say(f"Airflow UI: http://localhost:8080  (user admin, password {password})")
+    say(f"Airflow UI: http://localhost:{API_PORT}  (user admin, password {password})")
     say(f"object store: {server.endpoint_url}  (credentials in {SEAWEED_DIR.relative_to(REPO)}/state.json)")
     say("stop with: make down")
     return 0
+
+
+def start_standalone(env: dict[str, str]) -> None:
+    """`airflow standalone` in its own session (so stopping it stops its whole process group)."""
+    _check_port_free(API_PORT)
+    with STANDALONE_LOG.open("ab") as logf:
+        proc = subprocess.Popen([str(venv_bin() / "airflow"), "standalone"], env=env, cwd=REPO,
+                                stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    STANDALONE_PID.write_text(str(proc.pid))
+    say(f"airflow standalone started (pid {proc.pid}, log {STANDALONE_LOG.relative_to(REPO)}); waiting for it")
+    _wait_http(f"http://127.0.0.1:{API_PORT}/api/v2/monitor/health", timeout=240)
+
+
+def _check_port_free(port: int) -> None:
+    import socket
+
+    with socket.socket() as sock:
+        if sock.connect_ex(("127.0.0.1", port)) == 0:
+            raise SystemExit(f"[demo] port {port} is taken by another program; set ML_DEMO_AIRFLOW_PORT to a free port")
+
+
+def stop_standalone() -> None:
+    if not STANDALONE_PID.exists():
+        return
+    pid = int(STANDALONE_PID.read_text())
+    try:
+        # standalone spawns scheduler, triggerer, dag-processor and api-server in its session:
+        # signal the whole group, or they outlive it.
+        os.killpg(pid, signal.SIGTERM)
+        for _ in range(60):
+            time.sleep(0.5)
+            os.killpg(pid, 0)
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    STANDALONE_PID.unlink(missing_ok=True)
+    say(f"airflow standalone (process group {pid}) stopped")
 
 
 def _wait_http(url: str, timeout: float) -> None:
@@ -242,20 +338,7 @@ def _wait_http(url: str, timeout: float) -> None:
 
 
 def cmd_down(args: argparse.Namespace) -> int:
-    if STANDALONE_PID.exists():
-        pid = int(STANDALONE_PID.read_text())
-        try:
-            # standalone spawns scheduler, triggerer, dag-processor and api-server in its session:
-            # signal the whole group, or they outlive it.
-            os.killpg(pid, signal.SIGTERM)
-            for _ in range(60):
-                time.sleep(0.5)
-                os.killpg(pid, 0)
-            os.killpg(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        STANDALONE_PID.unlink(missing_ok=True)
-        say(f"airflow standalone (group {pid}) stopped")
+    stop_standalone()
     if (SEAWEED_DIR / "state.json").exists():
         server = SeaweedServer.from_state(SEAWEED_DIR)
         if server.is_running():
