@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: help venv demo up down status test test-all test-faults bench lint clean lock
+.PHONY: help venv demo up down status test test-all test-faults soak bench lint clean lock
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -38,6 +38,9 @@ test-all: $(STAMP)  ## every test, the slow ones too
 
 test-faults: $(STAMP)  ## fault-injection tests
 	$(PY) -m pytest -q -m faults --timeout=1800
+
+soak: $(STAMP)  ## run the pipeline N times with random faults and check invariants (N=10)
+	$(PY) scripts/soak.py --runs $${N:-10}
 
 bench: $(STAMP)  ## benchmarks (minutes; prints ratios against in-process baselines)
 	$(PY) benchmarks/run.py

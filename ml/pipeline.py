@@ -302,7 +302,7 @@ def evaluate_version(dataset_dir: Path, version: str, config: PipelineConfig, st
                 aligned[:, index[label]] = probs[:, j]
         probs = aligned
     metrics = evaluate_predictions(y_true, probs, dataset_labels)
-    metrics.update({"candidate": f"production:{version}", "version": version, "labels": list(predictor.labels),
+    metrics.update({"candidate": "production", "version": version, "labels": list(predictor.labels),
                     "same_labels": same_labels})
     out_dir.mkdir(parents=True, exist_ok=True)
     _atomic_npz(out_dir / "predictions.npz", y_true=y_true, probs=probs)
