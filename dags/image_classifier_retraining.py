@@ -151,7 +151,7 @@ def image_classifier_retraining():
             from ml.pipeline import should_train as decide
 
             config = _config()
-            verdict = decide(dataset, config, _store(config))
+            verdict = decide(dataset, config, _store(config), _run_id())
             logging.getLogger(__name__).info("should_train: %s (%s)", verdict["train"], verdict["reason"])
             return verdict["train"]
 

@@ -135,7 +135,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     run_id = args.run_id or new_run_id()
     dataset = ingest_stage(config, store)
     quality = validate_stage(dataset["dataset_dir"], config, store, run_id)
-    verdict = should_train(dataset, config, store)
+    verdict = should_train(dataset, config, store, run_id)
     if not verdict["train"]:
         print(f"skipped: {verdict['reason']}")
         return 0

@@ -105,7 +105,27 @@ def validate_stage(dataset_dir: str | Path, config: PipelineConfig, store: Objec
 # --------------------------------------------------------------------------- skip check
 
 
-def should_train(dataset: Mapping[str, Any], config: PipelineConfig, store: ObjectStore | None) -> dict[str, Any]:
+def report_drift(dataset: Mapping[str, Any], pointer: Mapping[str, Any], config: PipelineConfig,
+                 store: ObjectStore, run_id: str) -> dict[str, Any] | None:
+    """Compare this dataset with production's (its version's dataset_profile.json); publish drift.json."""
+    from ml.data.drift import compare_profiles, dataset_profile
+    from ml.errors import StorageError
+
+    try:
+        reference = store.get_json(f"{config.storage.model_name}/versions/{pointer['version']}/dataset_profile.json")
+    except StorageError:
+        log.info("drift: production version %s has no dataset profile to compare with", pointer["version"])
+        return None
+    drift = compare_profiles(dataset_profile(dataset["dataset_dir"]), reference)
+    for finding in drift["findings"] or ["no notable change from production's dataset"]:
+        log.info("drift: %s", finding)
+    _write_json(local_run_dir(config, run_id) / "drift.json", drift)
+    store.put_json(f"{run_prefix(config, run_id)}/drift.json", drift)
+    return drift
+
+
+def should_train(dataset: Mapping[str, Any], config: PipelineConfig, store: ObjectStore | None,
+                 run_id: str | None = None) -> dict[str, Any]:
     """Decide whether this run trains at all: not when production already saw this exact data.
 
     Returns {"train": bool, "reason": str}. `gate.force` trains regardless.
@@ -119,6 +139,10 @@ def should_train(dataset: Mapping[str, Any], config: PipelineConfig, store: Obje
     pointer, _etag = read_pointer(store, config.storage.model_name)
     if pointer is None:
         return {"train": True, "reason": "no production model yet"}
+    drift = report_drift(dataset, pointer, config, store, run_id) if run_id else None
+    if drift and drift["label_set_changed"] and not config.gate.allow_label_change:
+        log.warning("drift: the label set differs from production's; the gate will refuse to replace it "
+                    "unless allow_label_change is set")
     if pointer.get("dataset_hash") == dataset["dataset_hash"]:
         return {"train": False,
                 "reason": f"production version {pointer['version']} was trained on this exact dataset "
@@ -465,7 +489,12 @@ def _publish_version(version: str, dataset: Mapping[str, Any], evaluation: Mappi
                              images=images)
     (stage / "model_card.html").write_text(card)
     files = {name: cand_dir / name for name in ("model.keras", "labels.json", "preprocessing.json")}
-    files.update({name: stage / name for name in ("metrics.json", "lineage.json", "model_card.html")})
+    from ml.data.drift import dataset_profile
+
+    # The next run measures drift against this (see should_train).
+    _write_json(stage / "dataset_profile.json", dataset_profile(dataset["dataset_dir"]))
+    files.update({name: stage / name for name in ("metrics.json", "lineage.json", "model_card.html",
+                                                  "dataset_profile.json")})
     # Serving exports (SavedModel, TFLite) ship only once they agree with model.keras on golden
     # test images; golden.npz goes with them so a consumer can check its own runtime the same way.
     image_size = int(json.loads((cand_dir / "preprocessing.json").read_text())["image_size"])
@@ -493,6 +522,9 @@ def write_run_report(dataset: Mapping[str, Any], evaluation: Mapping[str, Any], 
     from ml.evaluation.report import build_run_report
     from ml.evaluation.report import write_run_report as write_report_files
 
+    drift_file = local_run_dir(config, run_id) / "drift.json"
+    if drift_file.exists():
+        dataset = {**dataset, "drift": json.loads(drift_file.read_text())}
     report = build_run_report(run_id=run_id, dataset=dict(dataset), quality=dict(quality) if quality else None,
                               leaderboard=list(evaluation["leaderboard"]), production=evaluation.get("production"),
                               decision={**result.get("decision", {}), "promoted": result.get("promoted"),

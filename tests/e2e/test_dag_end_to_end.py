@@ -42,7 +42,10 @@ def test_first_run_promotes_then_worse_challenger_keeps_production(pipeline_env,
     assert found is not None, "no production.json after the first run"
     pointer_bytes, etag = found
     pointer = json.loads(pointer_bytes)
-    assert store.exists(f"{MODEL}/versions/{pointer['version']}/COMPLETE")
+    version_files = set(store.list_keys(f"{MODEL}/versions/{pointer['version']}/"))
+    for name in ("COMPLETE", "model.keras", "labels.json", "preprocessing.json", "metrics.json", "lineage.json",
+                 "model_card.html", "saved_model.zip", "golden.npz", "dataset_profile.json"):
+        assert f"{MODEL}/versions/{pointer['version']}/{name}" in version_files, name
     report = store.get_json(f"{MODEL}/runs/{_safe(first.run_id)}/report.json")
     names = {row["candidate"] for row in report["leaderboard"]}
     assert {"scratch_small", "transfer_mobilenet_v2", "finetune_mobilenet_v2"} <= names
@@ -65,6 +68,11 @@ def test_first_run_promotes_then_worse_challenger_keeps_production(pipeline_env,
     decision = store.get_json(f"{MODEL}/runs/{_safe(second.run_id)}/gate.json")
     assert decision["promote"] is False
     assert decision["reasons"]
+    drift = store.get_json(f"{MODEL}/runs/{_safe(second.run_id)}/drift.json")
+    assert drift["findings"] == [] and drift["reference_dataset"] == pointer["dataset_hash"]
+    from ml.registry.versions import promotion_history
+
+    assert [entry["action"] for entry in promotion_history(store, MODEL)] == ["promote", "keep"]
 
 
 def test_same_data_again_skips_training(pipeline_env, sample):
