@@ -128,10 +128,9 @@ def should_train(dataset: Mapping[str, Any], config: PipelineConfig, store: Obje
                  run_id: str | None = None) -> dict[str, Any]:
     """Decide whether this run trains at all: not when production already saw this exact data.
 
-    Returns {"train": bool, "reason": str}. `gate.force` trains regardless.
+    Returns {"train": bool, "reason": str}. `gate.force` trains regardless. When a production
+    model exists, drift against its dataset is measured and published first (see report_drift).
     """
-    if config.gate.force:
-        return {"train": True, "reason": "force is set"}
     if store is None:
         return {"train": True, "reason": "no object store configured"}
     from ml.registry.versions import read_pointer
@@ -143,6 +142,8 @@ def should_train(dataset: Mapping[str, Any], config: PipelineConfig, store: Obje
     if drift and drift["label_set_changed"] and not config.gate.allow_label_change:
         log.warning("drift: the label set differs from production's; the gate will refuse to replace it "
                     "unless allow_label_change is set")
+    if config.gate.force:
+        return {"train": True, "reason": "force is set"}
     if pointer.get("dataset_hash") == dataset["dataset_hash"]:
         return {"train": False,
                 "reason": f"production version {pointer['version']} was trained on this exact dataset "
