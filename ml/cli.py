@@ -125,8 +125,19 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """The whole pipeline in this process, without Airflow (same stage functions)."""
-    from ml.pipeline import (evaluate_stage, finetune_stage, gate_stage, ingest_stage, new_run_id, prepare_stage,
-                             promote_stage, select_for_finetuning, should_train, train_stage, validate_stage)
+    from ml.pipeline import (
+        evaluate_stage,
+        finetune_stage,
+        gate_stage,
+        ingest_stage,
+        new_run_id,
+        prepare_stage,
+        promote_stage,
+        select_for_finetuning,
+        should_train,
+        train_stage,
+        validate_stage,
+    )
 
     config = _config(args, source=args.source, candidates=args.candidates, epochs=args.epochs,
                      image_size=args.image_size, weights=args.weights, min_delta=args.min_delta, force=args.force)
@@ -239,8 +250,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if missing:
         raise DataError(f"no such image file: {', '.join(missing)}")
     predictions = predictor.predict([Path(p) for p in args.images], top_k=args.top_k)
+    pairs = zip(args.images, predictions, strict=True)
     _print_json({"model": getattr(predictor, "version", args.model),
-                 "predictions": [{"image": p, "top_k": preds} for p, preds in zip(args.images, predictions)]})
+                 "predictions": [{"image": p, "top_k": preds} for p, preds in pairs]})
     return 0
 
 

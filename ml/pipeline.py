@@ -394,8 +394,7 @@ def promote_stage(dataset: Mapping[str, Any], evaluation: Mapping[str, Any], dec
     If another promotion moved the pointer since the gate read it, re-gate against the new
     champion (on this run's test split) once and either promote properly or stop with the reason.
     """
-    from ml.registry.versions import (append_promotion_log, make_pointer, new_version_id, read_pointer,
-                                     swap_pointer)
+    from ml.registry.versions import append_promotion_log, make_pointer, new_version_id, read_pointer, swap_pointer
 
     dataset_dir = Path(dataset["dataset_dir"])
     model_name = config.storage.model_name

@@ -72,7 +72,8 @@ def render_overview(store: ObjectStore, model_name: str, *, base_url: str = "") 
             f"accuracy <b>{_num(metrics.get('accuracy'))}</b> · top-5 {_num(metrics.get('top5_accuracy'))} · "
             f"log loss {_num(metrics.get('log_loss'))} · macro F1 {_num(metrics.get('macro_f1'))}<br>"
             f"<span class='muted'>promoted {_e(pointer.get('promoted_at'))} by run {_e(pointer.get('run_id'))}; "
-            f"dataset {_e(str(pointer.get('dataset_hash', ''))[:12])}; sha256 {_e(str(pointer.get('sha256', ''))[:16])}…"
+            f"dataset {_e(str(pointer.get('dataset_hash', ''))[:12])}; "
+            f"sha256 {_e(str(pointer.get('sha256', ''))[:16])}…"
             f"</span><br><a href='{card}'>model card</a> · <code>{_e(pointer.get('uri'))}</code></div>")
 
     versions = list_versions(store, model_name)
@@ -129,8 +130,9 @@ def render_run(store: ObjectStore, model_name: str, run_id: str, *, base_url: st
         rows.append(f"<tr><td>{_e(row.get('rank'))}</td><td>{cand}</td><td class='num'>{_num(row.get('accuracy'))}</td>"
                     f"<td class='num'>{_num(row.get('top5_accuracy'))}</td><td class='num'>{_num(row.get('log_loss'))}"
                     f"</td><td class='num'>{_num(row.get('macro_f1'))}</td><td class='num'>{_num(row.get('ece'))}</td>"
-                    f"<td class='num'>{_num(row.get('train_wall_time_s'), 0)}</td><td class='num'>{_e(row.get('params'))}"
-                    f"</td><td class='num'>{_num(row.get('latency_ms'), 1)}</td><td>{links}</td></tr>")
+                    f"<td class='num'>{_num(row.get('train_wall_time_s'), 0)}</td>"
+                    f"<td class='num'>{_e(row.get('params'))}</td>"
+                    f"<td class='num'>{_num(row.get('latency_ms'), 1)}</td><td>{links}</td></tr>")
     parts.append(f"<h2>Leaderboard (test split)</h2><table>{head}{''.join(rows)}</table>")
     links = [("report.html", "full run report"), ("quality/quality.html", "data-quality report"),
              ("quality/quality.json", "data-quality JSON"), ("gate.json", "gate decision JSON")]

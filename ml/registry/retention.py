@@ -49,8 +49,7 @@ def apply_retention(store: ObjectStore, model_name: str, *, keep_runs: int, dry_
          "objects_removed"}; with dry_run, "removed" lists what would go.
     """
     from ml.pipeline import safe_run_id
-    from ml.registry.versions import (COMPLETE_MARKER, VERSION_FILE, promotion_history, read_pointer,
-                                     version_prefix)
+    from ml.registry.versions import COMPLETE_MARKER, VERSION_FILE, promotion_history, read_pointer, version_prefix
 
     if keep_runs < 1:
         raise ConfigError(

@@ -56,9 +56,9 @@ def test_operational_policy(dagbag):
 
 
 def test_params_reject_bad_values(dagbag):
-    from airflow.sdk.exceptions import ParamValidationError
-
     import copy
+
+    from airflow.sdk.exceptions import ParamValidationError
 
     params = dagbag.dags[DAG_ID].params
     params.validate()  # the defaults are valid

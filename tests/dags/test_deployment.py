@@ -71,7 +71,8 @@ def test_dockerfile_builds_from_requirements_with_gpu_switch():
     assert "FROM apache/airflow:${AIRFLOW_VERSION}" in text
     assert "ARG TENSORFLOW_PACKAGE=tensorflow-cpu" in text
     assert "-r /opt/ml/requirements.txt -c /opt/ml/constraints.txt" in text
-    pinned = [line for line in (REPO / "requirements.txt").read_text().splitlines() if line.startswith("apache-airflow==")]
+    requirements = (REPO / "requirements.txt").read_text().splitlines()
+    pinned = [line for line in requirements if line.startswith("apache-airflow==")]
     version = pinned[0].split("==")[1]
     assert f"ARG AIRFLOW_VERSION={version}" in text
 
