@@ -295,6 +295,22 @@ def one_hot(ds: tf.data.Dataset, num_classes: int) -> tf.data.Dataset:
 WARMUP_EPOCHS = 3  # epochs before early stopping may act
 
 
+def peak_rss_mb() -> float:
+    """Peak RSS of this process's own address space (VmHWM), MiB.
+
+    Not ru_maxrss: Linux carries it across execve, so a task started by a big parent (an Airflow
+    worker) would report the parent's peak (seen: 1,933 MB reported for a 9 MB child).
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def make_callbacks(
     staging: Path, out_dir: Path, patience: int, has_val: bool
 ) -> list[keras.callbacks.Callback]:
@@ -512,7 +528,7 @@ def finish_candidate(
         "model_bytes": model_path.stat().st_size,
         "reload_max_abs_diff": max_diff,
         "wall_time_s": round(time.monotonic() - started, 2),
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),  # KiB on Linux
+        "peak_rss_mb": round(peak_rss_mb(), 1),
     }
     write_json(staging / SUMMARY_FILE, summary)
     publish(staging, out_dir)
