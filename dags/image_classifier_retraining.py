@@ -43,7 +43,7 @@ SCHEDULE = os.environ.get("ML_RETRAIN_SCHEDULE", "@weekly")
 NO_RETRY_ON_BAD_INPUT = ExceptionRetryPolicy(rules=[
     RetryRule(exception=name, action=RetryAction.FAIL, reason="bad input or config: a retry cannot help")
     for name in ("ml.errors.ConfigError", "ml.errors.DataError", "ml.errors.UnknownArchitectureError",
-                 "ml.errors.ModelVerificationError")
+                 "ml.errors.ModelVerificationError", "ml.errors.StorageAuthError")
 ])
 
 DEFAULT_ARGS: dict[str, Any] = {

@@ -42,6 +42,25 @@ class StorageError(MLError):
     """The object store refused or failed an operation (message never carries secrets)."""
 
 
+class StorageAuthError(StorageError):
+    """The object store rejected the credentials: retrying cannot help, fix the connection."""
+
+
+class MissingObjectError(StorageError, KeyError):
+    """The key does not exist in the bucket (a StorageError that is also a KeyError)."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else ""
+
+
+class IncompleteVersionError(StorageError):
+    """A version has no COMPLETE marker (still uploading, or its publish died half-way)."""
+
+
+class CacheCorruptError(DataError):
+    """A cache folder is missing files, truncated, or fails its checksums."""
+
+
 class ObjectExistsError(StorageError):
     """A write to an immutable key was refused because the key already exists."""
 

@@ -19,6 +19,7 @@ batch of uint8 rows at a time (never the whole dataset as float32).
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -35,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ml.errors import DataError
+from ml.errors import CacheCorruptError, DataError  # noqa: F401 - re-exported for callers
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -52,8 +53,6 @@ DECODE_WINDOW = 256  # images decoded ahead of the memmap writer
 SPLITS = ("train", "val", "test")
 
 
-class CacheCorruptError(DataError):
-    """A cache folder is missing files, truncated, or fails its checksums."""
 
 
 @dataclass
@@ -237,7 +236,7 @@ def build_image_cache(
     if cache is not None:
         return cache
     folder.parent.mkdir(parents=True, exist_ok=True)
-    with _exclusive_lock(folder.parent / f".{folder.name}.lock"):
+    with exclusive_lock(folder.parent / f".{folder.name}.lock"):
         # Another builder may have finished while we waited for the lock.
         cache = _try_open(folder, ok)
         if cache is not None:
@@ -275,7 +274,8 @@ def _attach_splits(cache: ImageCache, ok: pd.DataFrame) -> None:
 
 
 @contextlib.contextmanager
-def _exclusive_lock(path: Path) -> Iterator[None]:
+def exclusive_lock(path: Path) -> Iterator[None]:
+    """An advisory lock file shared by concurrent builders (training tasks on one machine)."""
     with path.open("a+") as fh:
         fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
         try:
@@ -320,6 +320,7 @@ def _build(
         workers = workers if workers is not None else min(2, os.cpu_count() or 1)
         if n:
             images = np.memmap(images_path, dtype=np.uint8, mode="w+", shape=shape)
+            _reserve_space(images_path, images.nbytes, folder)
             if workers > 1 and n >= PARALLEL_MIN_IMAGES:
                 # Threads, not processes: file reads, cv2.imdecode and cv2.resize release the GIL,
                 # so threads use every core without pickling pixels, and unlike a process pool
@@ -378,6 +379,24 @@ def _build(
         time.monotonic() - started,
         n * size * size * 3 / 1e6,
     )
+
+
+def _reserve_space(path: Path, nbytes: int, folder: Path) -> None:
+    """Allocate the memmap's blocks up front: a page written to a full disk is a SIGBUS, not an error."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, nbytes)
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            return  # no fallocate on this filesystem: best effort only
+        free = shutil.disk_usage(path.parent).free
+        raise OSError(
+            errno.ENOSPC,
+            f"no space left on device for the image cache {folder}: {nbytes} bytes of decoded "
+            f"pixels needed, {free} free under {folder.parent}",
+        ) from exc
+    finally:
+        os.close(fd)
 
 
 def _publish(tmp: Path, folder: Path) -> None:

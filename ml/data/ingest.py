@@ -102,6 +102,17 @@ def ingest(
     tmp.mkdir()
     try:
         return _ingest_into(tmp, datasets, parsed, config, store=store, kaggle_credentials=kaggle_credentials)
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+        # Extraction writes through file objects, whose ENOSPC names no path: say where it ran out.
+        raise OSError(
+            errno.ENOSPC,
+            f"no space left on device while ingesting {parsed.uri} into {datasets} "
+            f"({shutil.disk_usage(datasets).free} bytes free; failed at "
+            f"{exc.filename or 'an extracted file'}); "
+            "nothing was published: free space or point ML_WORK_DIR at a bigger volume",
+        ) from exc
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

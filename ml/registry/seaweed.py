@@ -209,7 +209,9 @@ class SeaweedServer:
             "-s3.autoCreateBucket=false",
         ]
 
-    def start(self, timeout: float = 60.0, *, detach: bool = False) -> SeaweedServer:
+    def start(
+        self, timeout: float = 60.0, *, detach: bool = False, reuse_ports: bool = False
+    ) -> SeaweedServer:
         """Start weed and wait until S3 answers an authenticated request.
 
         Args:
@@ -217,6 +219,7 @@ class SeaweedServer:
             detach: leave it running when this Python process exits (CLI use); otherwise it is
                 stopped at interpreter exit. Either way it runs in its own session, so stopping
                 signals only its process group.
+            reuse_ports: start again on the ports of the previous start (see `restart`).
         """
         if self.pid is not None and self.is_running():
             return self
@@ -224,8 +227,9 @@ class SeaweedServer:
         weed = find_weed()  # fail early with the install hint
         started = time.monotonic()
         for attempt in range(3):  # a picked port can be taken before weed binds it
-            picked = pick_ports(len(_COMPONENTS), first=self.requested_s3_port)
-            self.ports = dict(zip(_COMPONENTS[::-1], picked, strict=True))
+            if not (reuse_ports and self.ports):
+                picked = pick_ports(len(_COMPONENTS), first=self.requested_s3_port)
+                self.ports = dict(zip(_COMPONENTS[::-1], picked, strict=True))
             env = {
                 **os.environ,
                 "AWS_ACCESS_KEY_ID": self.access_key,
@@ -266,6 +270,18 @@ class SeaweedServer:
             f"see {self.log_path}: {self._log_tail()}"
         )
 
+    def restart(self, timeout: float = 60.0) -> SeaweedServer:
+        """Stop (if running) and start again on the same data dir, ports and credentials.
+
+        Clients keep their endpoint URL, so they reconnect without being rebuilt.
+        """
+        if not self.ports:
+            raise StorageError(f"{self!r} was never started: nothing to restart")
+        ports = dict(self.ports)
+        self.stop()
+        self.ports = ports
+        return self.start(timeout, reuse_ports=True)
+
     def _wait_ready(self, timeout: float) -> bool:
         from ml.registry.store import ObjectStore  # cheap: boto3 is imported lazily inside
 
@@ -283,10 +299,28 @@ class SeaweedServer:
                 return False
             try:
                 store.list_buckets()
-                return True
+                # S3 answers before the volume server has registered with the master; until it
+                # has, reads of stored objects fail with InternalError (seen for ~5 s on restart).
+                if self._volume_server_registered():
+                    return True
             except StorageError:
-                time.sleep(0.2)
+                pass
+            time.sleep(0.2)
         return False
+
+    def _volume_server_registered(self) -> bool:
+        """Whether the master's topology lists a volume server (GET /dir/status)."""
+        import urllib.request
+
+        url = f"http://127.0.0.1:{self.ports['master']}/dir/status"
+        try:
+            opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: no proxy
+            with opener.open(url, timeout=2) as response:
+                topology = json.loads(response.read()).get("Topology") or {}
+        except (OSError, ValueError):
+            return False
+        racks = [rack for dc in topology.get("DataCenters") or [] for rack in dc.get("Racks") or []]
+        return any(rack.get("DataNodes") for rack in racks)
 
     def _log_tail(self, lines: int = 8) -> str:
         try:

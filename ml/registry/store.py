@@ -18,7 +18,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from ml.errors import ObjectExistsError, PromotionConflict, StorageError
+from ml.errors import (  # noqa: F401 - MissingObjectError is re-exported for callers
+    MissingObjectError,
+    ObjectExistsError,
+    PromotionConflict,
+    StorageAuthError,
+    StorageError,
+)
 
 if TYPE_CHECKING:
     from ml.config import StorageConfig
@@ -42,11 +48,6 @@ _CONDITION_CODES = frozenset({"PreconditionFailed", "412", "ConditionalRequestCo
 _CHUNK = 1024 * 1024  # 1 MiB reads when streaming downloads
 
 
-class MissingObjectError(StorageError, KeyError):
-    """The key does not exist in the bucket (a StorageError that is also a KeyError)."""
-
-    def __str__(self) -> str:  # KeyError would repr() the message
-        return str(self.args[0]) if self.args else ""
 
 
 class ObjectStore:
@@ -209,7 +210,7 @@ class ObjectStore:
                     f"({op} {where}); create it with ObjectStore.ensure_bucket()"
                 ) from None
             if code in _AUTH_CODES or status in (401, 403):
-                raise StorageError(
+                raise StorageAuthError(
                     f"credentials for {self.endpoint_name} were rejected ({code or status}) during {op} "
                     f"{where}; check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or the Airflow connection"
                 ) from None

@@ -23,7 +23,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ml.errors import ObjectExistsError, PromotionConflict, StorageError
+from ml.errors import (  # noqa: F401 - IncompleteVersionError is re-exported for callers
+    IncompleteVersionError,
+    ObjectExistsError,
+    PromotionConflict,
+    StorageError,
+)
 
 if TYPE_CHECKING:
     from ml.registry.store import ObjectStore
@@ -40,8 +45,6 @@ _FILE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _TS_FORMAT = "%Y%m%dT%H%M%S.%fZ"  # the promotion log's key prefix: lexicographic = chronological
 
 
-class IncompleteVersionError(StorageError):
-    """A version has no COMPLETE marker (still uploading, or its publish died half-way)."""
 
 
 # -- keys and ids --------------------------------------------------------------------------------

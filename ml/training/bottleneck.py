@@ -9,15 +9,12 @@ two builders at once serialise on a file lock and the second reuses the first on
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import logging
 import os
 import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -90,7 +87,9 @@ def load_or_compute(
         log.info("bottlenecks: cache hit %s (%d x %d)", path, *found.shape)
         return Bottlenecks(found, path, hit=True)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with _exclusive_lock(path.with_suffix(".lock")):
+    from ml.data.image_cache import exclusive_lock
+
+    with exclusive_lock(path.with_suffix(".lock")):
         found = _try_load(path, len(cache))
         if found is not None:
             return Bottlenecks(found, path, hit=True)
@@ -121,16 +120,6 @@ def _try_load(path: Path, rows: int) -> np.ndarray | None:
         )
         return None
     return features
-
-
-@contextlib.contextmanager
-def _exclusive_lock(path: Path) -> Iterator[None]:
-    with path.open("a+") as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
 def _compute(cache: ImageCache, extractor: keras.Model, path: Path, batch_size: int) -> None:
