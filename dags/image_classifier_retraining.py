@@ -35,9 +35,18 @@ from ml.config import PRODUCTION_ASSET_NAME, PRODUCTION_ASSET_URI
 from ml.models.registry import candidate_names
 
 PRODUCTION_MODEL = Asset(name=PRODUCTION_ASSET_NAME, uri=PRODUCTION_ASSET_URI)
-# Cron or preset (default weekly); "none" for manual/API triggers only. An environment variable,
-# not the YAML file: the scheduler parses this file every few seconds and must not do I/O.
-SCHEDULE = os.environ.get("ML_RETRAIN_SCHEDULE", "@weekly")
+# Cron or preset (default weekly); "none" for manual/API triggers only; "asset:<uri>" for
+# data-aware scheduling (a run whenever a producer DAG updates that dataset Asset). An environment
+# variable, not the YAML file: the scheduler parses this file every few seconds and must not do I/O.
+SCHEDULE = os.environ.get("ML_RETRAIN_SCHEDULE", "@weekly").strip()
+
+
+def _schedule(spec: str):
+    if spec.lower() in ("", "none"):
+        return None
+    if spec.startswith("asset:"):
+        return [Asset(spec.removeprefix("asset:"))]
+    return spec
 
 # Deterministic failures: retrying cannot help, so fail at once (I/O errors still retry).
 NO_RETRY_ON_BAD_INPUT = ExceptionRetryPolicy(rules=[
@@ -116,7 +125,7 @@ def _on_failure(context) -> None:
 @dag(
     dag_id=Path(__file__).stem,
     doc_md=__doc__,
-    schedule=None if SCHEDULE.lower() in ("", "none") else SCHEDULE,
+    schedule=_schedule(SCHEDULE),
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=1,

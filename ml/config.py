@@ -153,6 +153,9 @@ class GateConfig:
     max_log_loss: float | None = None
     max_class_recall_drop: float | None = 0.25
     mcnemar_alpha: float | None = None  # None: no significance test
+    # Budgets: candidates over them stay on the leaderboard, marked, and never reach the gate.
+    max_model_mb: float | None = None  # model.keras size, 10^6 bytes
+    max_latency_ms: float | None = None  # single-image CPU inference, median
     # force: retrain even when production was trained on this exact dataset (the gate still decides).
     force: bool = False
     # force_promote: promote even when checks fail (every failed check is still reported).
@@ -164,6 +167,9 @@ class GateConfig:
                  f"gate.metric must be one of {PRIMARY_METRICS}, got {self.metric!r}")
         _require(self.min_delta >= 0, f"gate.min_delta must be >= 0, got {self.min_delta}")
         _require(0 <= self.min_accuracy <= 1, f"gate.min_accuracy must be in [0, 1], got {self.min_accuracy}")
+        for name in ("max_model_mb", "max_latency_ms"):
+            value = getattr(self, name)
+            _require(value is None or value > 0, f"gate.{name} must be > 0 or null, got {value}")
         if self.mcnemar_alpha is not None:
             _require(0 < self.mcnemar_alpha < 1,
                      f"gate.mcnemar_alpha must be in (0, 1) or null, got {self.mcnemar_alpha}")

@@ -218,7 +218,13 @@ def finetune_stage(dataset_dir: str | Path, transfer_candidate: str, config: Pip
 def evaluate_stage(dataset_dir: str | Path, results: Sequence[Mapping[str, Any] | None], config: PipelineConfig,
                    store: ObjectStore | None, run_id: str) -> dict[str, Any]:
     """Score every candidate and the production model on the test split; publish the leaderboard."""
-    from ml.evaluation.leaderboard import build_leaderboard, format_leaderboard_table, write_leaderboard
+    from ml.evaluation.leaderboard import (
+        apply_budgets,
+        best_candidate,
+        build_leaderboard,
+        format_leaderboard_table,
+        write_leaderboard,
+    )
 
     dataset_dir = Path(dataset_dir)
     entries: list[dict[str, Any]] = []
@@ -233,6 +239,11 @@ def evaluate_stage(dataset_dir: str | Path, results: Sequence[Mapping[str, Any] 
 
     production = evaluate_production(dataset_dir, config, store, run_id)
     rows = build_leaderboard(entries, metric=config.gate.metric)
+    rows = apply_budgets(rows, max_model_mb=config.gate.max_model_mb, max_latency_ms=config.gate.max_latency_ms)
+    best = best_candidate(rows)
+    if best is None:
+        raise DataError("every candidate is over the size/latency budget (gate.max_model_mb, gate.max_latency_ms): "
+                        + "; ".join(f"{r['candidate']}: {', '.join(r.get('budget_reasons', []))}" for r in rows))
     out_dir = local_run_dir(config, run_id) / "leaderboard"
     paths = write_leaderboard(rows, out_dir, production=production)
     uris = {}
@@ -243,7 +254,7 @@ def evaluate_stage(dataset_dir: str | Path, results: Sequence[Mapping[str, Any] 
             uris[name] = store.uri(key)
     table = format_leaderboard_table(rows, production=production)
     log.info("leaderboard on the test split (%d images):\n%s", rows[0].get("n", 0), table)
-    return {"leaderboard": _jsonable(rows), "best": rows[0]["candidate"], "production": _jsonable(production),
+    return {"leaderboard": _jsonable(rows), "best": best["candidate"], "production": _jsonable(production),
             "uris": uris}
 
 

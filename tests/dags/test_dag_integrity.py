@@ -86,3 +86,26 @@ print(json.dumps({{"seconds": elapsed, "heavy": heavy}}))
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["heavy"] == []
     assert result["seconds"] < 1.0, result
+
+
+@pytest.mark.parametrize(("spec", "expected"), [("@daily", "@daily"), ("none", None),
+                                                ("asset:s3://raw-images/dogs/", "asset")])
+def test_schedule_comes_from_the_environment(spec, expected):
+    code = f"""
+import json, os, runpy
+os.environ["ML_RETRAIN_SCHEDULE"] = {spec!r}
+dag = runpy.run_path({str(DAG_FILE)!r})["image_classifier_retraining"]()
+timetable = dag.timetable
+kind = "asset" if type(timetable).__name__.startswith("Asset") else str(dag.schedule)
+print(json.dumps({{"kind": kind, "none": type(timetable).__name__ == "NullTimetable"}}))
+"""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    if expected is None:
+        assert result["none"]
+    elif expected == "asset":
+        assert result["kind"] == "asset"
+    else:
+        assert expected in str(result["kind"])

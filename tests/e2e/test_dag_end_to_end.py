@@ -94,3 +94,20 @@ def _safe(run_id: str) -> str:
     from ml.pipeline import safe_run_id
 
     return safe_run_id(run_id)
+
+
+def test_failing_quality_suite_stops_before_training(pipeline_env, tmp_path):
+    """A dataset that fails a failing-severity expectation never reaches a training task."""
+    from ml.data.sample import make_sample_dataset
+
+    store = pipeline_env["store"]
+    before = store.get_with_etag(f"{MODEL}/production.json")
+    tiny = make_sample_dataset(tmp_path / "too-small", classes=2, per_class=3, size=32, seed=1)["dest"]
+
+    run = _run({"source": str(tiny), "candidates": ["scratch_tiny"], "epochs": 1, "image_size": 32})
+
+    states = {ti.task_id: (ti.state, ti.try_number) for ti in run.get_task_instances()}
+    assert run.state == "failed"
+    assert states["data.validate"] == ("failed", 1)  # deterministic: no retry
+    assert states["training.train"][0] in ("upstream_failed", None)
+    assert store.get_with_etag(f"{MODEL}/production.json") == before

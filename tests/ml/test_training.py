@@ -209,7 +209,9 @@ def test_class_weights(counts: list[int], threshold: float, weighted: bool) -> N
 def test_scratch_training_writes_a_complete_folder(scratch_run: dict[str, Any], tiny_dataset: Path) -> None:
     out, summary = scratch_run["out"], scratch_run["summary"]
 
-    assert {p.name for p in out.iterdir()} == ARTIFACTS  # no staging or checkpoint left behind
+    # No staging or checkpoint left behind; TensorBoard event files beside the artifacts.
+    assert {p.name for p in out.iterdir()} == ARTIFACTS | {"tensorboard"}
+    assert list((out / "tensorboard").rglob("events.out.tfevents.*"))
     assert json.loads((out / "train_summary.json").read_text()) == json.loads(json.dumps(summary))
     assert (
         json.loads((out / "labels.json").read_text())
@@ -349,7 +351,7 @@ def test_finetune_unfreezes_only_from_the_boundary(
 
     assert summary["candidate"] == "finetune_mobilenet" and summary["parent"] == "transfer_mobilenet"
     assert summary["kind"] == "finetune" and summary["learning_rate"] == pytest.approx(0.005)
-    assert {p.name for p in (tmp_path / "ft").iterdir()} == ARTIFACTS
+    assert {p.name for p in (tmp_path / "ft").iterdir()} == ARTIFACTS | {"tensorboard"}
     before = find_backbone(load_model(transfer_run["out"] / "model.keras"))
     after = find_backbone(load_model(tmp_path / "ft" / "model.keras"))
     names = [layer.name for layer in before.layers]
