@@ -640,10 +640,9 @@ def _code_version() -> str:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(_jsonable(obj), indent=2, sort_keys=True))
-    os.replace(tmp, path)
+    from ml.evaluation.metrics import write_atomic
+
+    write_atomic(path, json.dumps(_jsonable(obj), indent=2, sort_keys=True))
 
 
 def _atomic_npz(path: Path, **arrays: Any) -> None:
@@ -655,23 +654,10 @@ def _atomic_npz(path: Path, **arrays: Any) -> None:
 
 
 def _jsonable(obj: Any) -> Any:
-    """Numpy scalars/arrays and Paths to plain JSON types."""
-    try:
-        import numpy as np
-    except ImportError:  # pragma: no cover
-        np = None  # type: ignore[assignment]
-    if isinstance(obj, Mapping):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, Path):
-        return str(obj)
-    if np is not None:
-        if isinstance(obj, np.generic):
-            return obj.item()
-        if isinstance(obj, np.ndarray):
-            return obj.tolist()
-    return obj
+    """Numpy scalars/arrays and Paths to plain JSON types (NaN/inf become null)."""
+    from ml.evaluation.leaderboard import to_jsonable
+
+    return to_jsonable(obj)
 
 
 def _small(summary: Mapping[str, Any]) -> dict[str, Any]:
