@@ -101,22 +101,21 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from ml.pipeline import local_run_dir
+    from ml.pipeline import evaluate_stage, local_run_dir
 
     config = _config(args)
     results = []
     for cand_dir in map(Path, args.candidate_dirs):
         summary = json.loads((cand_dir / "train_summary.json").read_text())
-        # Evaluate in place: the candidate folder is where its metrics and plots go.
-        target = local_run_dir(config, args.run_id) / summary["candidate"]
-        if target.resolve() != cand_dir.resolve():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            if target.exists() or target.is_symlink():
-                target.unlink() if target.is_symlink() else None
-            if not target.exists():
-                target.symlink_to(cand_dir.resolve(), target_is_directory=True)
+        # Evaluate in place: the run folder links to the candidate folder, where metrics and plots go.
+        link = local_run_dir(config, args.run_id) / summary["candidate"]
+        if link.resolve() != cand_dir.resolve():
+            if link.exists() and not link.is_symlink():
+                raise ConfigError(f"{link} already holds another {summary['candidate']}; pass another --run-id")
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.unlink(missing_ok=True)
+            link.symlink_to(cand_dir.resolve(), target_is_directory=True)
         results.append(summary)
-    from ml.pipeline import evaluate_stage
 
     evaluation = evaluate_stage(Path(args.dataset), results, config, None, args.run_id)
     _print_json({"best": evaluation["best"], "leaderboard": evaluation["leaderboard"]})
