@@ -301,3 +301,22 @@ def fault_proxy(own_seaweed: Any) -> Iterator[FaultProxy]:
         yield proxy
     finally:
         proxy.close()
+
+
+# --------------------------------------------------------------------------- a real Airflow
+
+
+def airflow_stack(root: Path, server: Any, bucket: str, pipeline_yaml: dict[str, Any]) -> Any:
+    """An `airflow standalone` stack (scripts/airflow_stack.py) on free ports, its config file written.
+
+    The caller starts and stops it; `pipeline_yaml` becomes the ML_CONFIG file of its tasks.
+    """
+    import yaml
+
+    from scripts.airflow_stack import AirflowStack, free_port
+
+    root.mkdir(parents=True, exist_ok=True)
+    config_file = root / "pipeline.yaml"
+    config_file.write_text(yaml.safe_dump(pipeline_yaml))
+    return AirflowStack(root, server, api_port=free_port(), bucket=bucket,
+                        extra_env={"ML_CONFIG": str(config_file)})

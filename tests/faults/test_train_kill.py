@@ -1,10 +1,12 @@
 """Fault 1: a training process SIGKILLed mid-epoch, then retried.
 
-`train_stage` runs in a subprocess (what an Airflow worker's task process is), is killed with
-SIGKILL once its history shows completed epochs, and is run again. The kill must leave nothing
-a reader would take as complete: no marker and no half-published files under the candidate's
-keys in the store, no final-named files in the local candidate folder. The retry must complete
-and publish.
+Twice: first `train_stage` in a plain subprocess, killed and run again by the test (fast, and
+it pins the staging protocol); then the real thing, a DAG run on `airflow standalone` whose
+`training.train` task process (the PID Airflow records for the task instance) is SIGKILLed
+mid-epoch, failed by its supervisor and retried by Airflow's own `retries`. Either way the kill
+must leave nothing a reader would take as complete: no marker and no half-published files under
+the candidate's keys in the store, no final-named files in the local candidate folder. The retry
+must complete and publish, and the run go on to promote.
 """
 
 from __future__ import annotations
@@ -17,7 +19,16 @@ import time
 
 import pytest
 
-from tests.faults.conftest import PYTHON, new_bucket_name, store_for, subprocess_env, tiny_config
+from tests.faults.conftest import (
+    MODEL,
+    PYTHON,
+    airflow_stack,
+    assert_pointer_verifiable,
+    new_bucket_name,
+    store_for,
+    subprocess_env,
+    tiny_config,
+)
 
 pytestmark = pytest.mark.faults
 
@@ -91,3 +102,82 @@ def test_training_killed_mid_epoch_leaves_nothing_complete_and_retry_publishes(o
     fetched = ensure_candidate_local(store, other, "run-kill", "scratch_tiny")
     assert json.loads((fetched / "train_summary.json").read_text())["epochs_run"] == EPOCHS
     assert (fetched / "model.keras").read_bytes() == (cand_dir / "model.keras").read_bytes()
+
+
+AIRFLOW_EPOCHS = 40  # scratch_tiny on the sample: ~0.3 s an epoch, so the kill lands well before the end
+TRAIN_TASK = "training.train"
+
+
+def _assert_nothing_complete(store, prefix: str, cand_dir) -> None:
+    assert store.list_keys(prefix) == [], "a killed attempt published objects"
+    leftovers = sorted(p.name for p in cand_dir.iterdir())
+    assert not set(FINAL_NAMES) & set(leftovers), f"final-named files after the kill: {leftovers}"
+    assert any(name.startswith(".staging-") for name in leftovers), "the kill did not land mid-training"
+
+
+@pytest.mark.timeout(900)
+def test_airflow_retries_a_training_task_killed_mid_epoch(own_seaweed, sample_source, tmp_path):
+    from ml.pipeline import local_run_dir, run_prefix
+
+    bucket = new_bucket_name()
+    store = store_for(own_seaweed, bucket)
+    # No early stopping, and force_promote so the tiny model's promotion proves the run got to the end.
+    stack = airflow_stack(tmp_path / "stack", own_seaweed, bucket, {
+        "storage": {"model_name": MODEL},
+        "data": {"min_images_per_class": 5},
+        "train": {"early_stopping_patience": 1000, "batch_size": 32},
+        "gate": {"force_promote": True},
+    })
+    conf = {"source": str(sample_source), "candidates": ["scratch_tiny"], "epochs": AIRFLOW_EPOCHS,
+            "image_size": 32, "finetune_top_k": 0, "force": True}
+    run_id = "faults__train_kill"
+    config = tiny_config(stack.work_dir, bucket, own_seaweed.endpoint_url)
+    cand_dir = local_run_dir(config, run_id) / "scratch_tiny"
+    prefix = f"{run_prefix(config, run_id)}/scratch_tiny/"
+
+    stack.prepare()
+    stack.start()
+    try:
+        stack.wait_for_dag()
+        stack.trigger(conf, run_id)
+        deadline = time.monotonic() + 420
+        task = None
+        while time.monotonic() < deadline:
+            task = stack.task(run_id, TRAIN_TASK, 0)
+            if task and task.state == "running" and task.pid and _history_rows(cand_dir) >= 2:
+                break
+            assert stack.run_state(run_id) not in ("success", "failed"), "the run ended before the kill"
+            time.sleep(0.05)
+        else:
+            pytest.fail(f"training never got 2 epochs in; task {task}; logs under {stack.home / 'logs'}")
+        epochs_done = _history_rows(cand_dir)
+        assert stack.owns(task.pid), f"pid {task.pid} is not a process of our stack"
+        assert task.try_number == 1
+        os.kill(task.pid, signal.SIGKILL)
+
+        # Airflow notices the dead task process and schedules the retry (retries=2, retry_delay 20 s).
+        while (t := stack.task(run_id, TRAIN_TASK, 0)) and t.try_number == 1 and t.state == "running":
+            assert time.monotonic() < deadline, f"Airflow did not notice the killed task: {t}"
+            time.sleep(0.1)
+        after_kill = stack.task(run_id, TRAIN_TASK, 0)
+        assert 2 <= epochs_done < AIRFLOW_EPOCHS
+        if after_kill.try_number == 1:  # still between tries: nothing of the killed one may be visible
+            assert after_kill.state in ("up_for_retry", "failed"), after_kill
+            _assert_nothing_complete(store, prefix, cand_dir)
+
+        state = stack.wait_run(run_id, timeout=600)
+        final = stack.task(run_id, TRAIN_TASK, 0)
+        first_try_log = stack.task_log(run_id, TRAIN_TASK, 0, try_number=1)
+    finally:
+        stack.stop()
+
+    assert state == "success", f"run ended {state}; logs under {stack.home / 'logs'}"
+    assert (final.state, final.try_number) == ("success", 2), final
+    assert stack.tries(run_id, TRAIN_TASK, 0)[:1] == [(1, "failed")]
+    # The supervisor saw its task process die of the signal (not a timeout, not a Python error).
+    assert '"signal_name":"SIGKILL"' in first_try_log, first_try_log[-3000:]
+    summary = store.get_json(prefix + "train_summary.json")
+    assert summary["epochs_run"] == AIRFLOW_EPOCHS, "the retry did not train from the start to the end"
+    assert {prefix + name for name in FINAL_NAMES} <= set(store.list_keys(prefix))
+    assert not [p.name for p in cand_dir.iterdir() if p.name.startswith(".staging-")], "staging left behind"
+    assert_pointer_verifiable(store)

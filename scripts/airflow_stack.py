@@ -1,0 +1,328 @@
+"""A real, local Airflow for the demo, the soak and the fault tests: `airflow standalone` + SeaweedFS.
+
+`AirflowStack(root, server)` lays out one folder:
+
+    ROOT/airflow/   AIRFLOW_HOME: SQLite metadata DB, logs, standalone.log, standalone.pid
+    ROOT/work/      ML_WORK_DIR: the pipeline's local scratch space
+
+and runs the retraining DAG on a real scheduler, dag-processor, triggerer and api-server
+(LocalExecutor), started in their own session so that stopping them stops the whole group.
+Object-store credentials reach tasks through the `ml_object_store` connection only.
+
+Task and run states are read straight from the SQLite metadata DB (read-only): a query takes
+milliseconds, where each `airflow tasks states-for-dag-run` call costs seconds of imports. This
+module imports no Airflow and no TensorFlow; it only starts and watches processes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ml.registry.seaweed import SeaweedServer
+
+REPO = Path(__file__).resolve().parent.parent
+DAG_ID = "image_classifier_retraining"
+BUCKET = "ml-models"
+MODEL_NAME = "image-classifier"
+FINAL_RUN_STATES = ("success", "failed")
+
+
+def venv_bin() -> Path:
+    return Path(sys.executable).parent
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (the OS picks it)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def port_taken(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+@dataclass(frozen=True)
+class TaskState:
+    """One task instance as the metadata DB has it now."""
+
+    task_id: str
+    map_index: int
+    state: str
+    try_number: int
+    pid: int | None
+
+    @property
+    def label(self) -> str:
+        return self.task_id + (f"[{self.map_index}]" if self.map_index >= 0 else "")
+
+
+class StackError(RuntimeError):
+    """The stack did not start, or a run did not finish; the message names the log to read."""
+
+
+class AirflowStack:
+    """`airflow standalone` (LocalExecutor, SQLite) wired to a SeaweedFS server, under `root`."""
+
+    def __init__(self, root: Path, server: SeaweedServer, *, api_port: int = 8080, bucket: str = BUCKET,
+                 parallelism: int = 4, extra_env: Mapping[str, str] | None = None) -> None:
+        self.root = Path(root)
+        self.home = self.root / "airflow"
+        self.work_dir = self.root / "work"
+        self.server = server
+        self.api_port = api_port
+        self.bucket = bucket
+        self.parallelism = parallelism
+        self.extra_env = dict(extra_env or {})
+        self.log_ports = (free_port(), free_port())
+        self.pid_file = self.home / "standalone.pid"
+        self.log_file = self.home / "standalone.log"
+        self.db_file = self.home / "airflow.db"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.api_port}"
+
+    # -- environment and one-off commands ------------------------------------------------------
+    def env(self) -> dict[str, str]:
+        """Environment of every airflow process of the stack: home, DAGs, executor, connection."""
+        conn = {"conn_type": "aws", "login": self.server.access_key, "password": self.server.secret_key,
+                "extra": {"endpoint_url": self.server.endpoint_url, "region_name": "us-east-1"}}
+        # Nothing of the caller's Airflow or AWS settings leaks in (a test session may have its own home).
+        base = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "_AIRFLOW", "AWS_"))}
+        return {
+            **base,
+            "PATH": f"{venv_bin()}{os.pathsep}{os.environ.get('PATH', '')}",  # standalone spawns `airflow`
+            "PYTHONPATH": str(REPO),
+            "AIRFLOW_HOME": str(self.home),
+            "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
+            "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO / "plugins"),
+            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+            "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+            # 2 cores: two trainings at once is the most that helps; more only thrashes.
+            "AIRFLOW__CORE__PARALLELISM": str(self.parallelism),
+            "AIRFLOW__CORE__MAX_ACTIVE_TASKS_PER_DAG": str(self.parallelism),
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{self.db_file}",
+            "AIRFLOW__API__HOST": "127.0.0.1",
+            "AIRFLOW__API__PORT": str(self.api_port),
+            "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{self.url}/execution/",
+            "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
+            "AIRFLOW__CORE__DAG_FILE_PROCESSOR_TIMEOUT": "120",
+            # Two stacks on one machine (a test beside `make up`) must not share the log-server ports.
+            "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(self.log_ports[0]),
+            "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(self.log_ports[1]),
+            "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO",
+            # Runs start on demand; a scheduled weekly run would start as soon as the DAG is unpaused.
+            "ML_RETRAIN_SCHEDULE": "none",
+            "AIRFLOW_CONN_ML_OBJECT_STORE": json.dumps(conn),
+            "ML_S3_ENDPOINT_URL": self.server.endpoint_url or "",
+            "ML_S3_BUCKET": self.bucket,
+            "ML_WORK_DIR": str(self.work_dir),
+            "AWS_EC2_METADATA_DISABLED": "true",
+            "TF_CPP_MIN_LOG_LEVEL": "2",
+            **self.extra_env,
+        }
+
+    def airflow(self, *args: str, check: bool = True, quiet: bool = True) -> subprocess.CompletedProcess:
+        """One airflow CLI command in the stack's environment."""
+        out = subprocess.PIPE if quiet else None
+        done = subprocess.run([str(venv_bin() / "airflow"), *args], env=self.env(), cwd=REPO, stdin=subprocess.DEVNULL,
+                              stdout=out, stderr=subprocess.STDOUT if quiet else None, text=True)
+        if check and done.returncode != 0:
+            tail = "\n".join((done.stdout or "").strip().splitlines()[-15:])
+            raise StackError(f"airflow {' '.join(args)} exited {done.returncode}:\n{tail}")
+        return done
+
+    def prepare(self, training_slots: int = 2) -> None:
+        """Metadata DB and the `training` pool (idempotent)."""
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.airflow("db", "migrate")
+        self.airflow("pools", "set", "training", str(training_slots), "Concurrent model trainings (size to cores/GPUs)")
+
+    # -- the standalone process group ----------------------------------------------------------
+    def running(self) -> bool:
+        pid = self.pid
+        if pid is None:
+            return False
+        try:
+            os.killpg(pid, 0)
+            return True
+        except (ProcessLookupError, PermissionError):
+            return False
+
+    @property
+    def pid(self) -> int | None:
+        try:
+            return int(self.pid_file.read_text())
+        except (OSError, ValueError):
+            return None
+
+    def start(self, timeout: float = 240) -> None:
+        """`airflow standalone` in its own session; returns once the api-server answers."""
+        if port_taken(self.api_port):
+            raise StackError(f"port {self.api_port} is taken by another program; choose another API port "
+                             "(ML_DEMO_AIRFLOW_PORT for the demo)")
+        self.home.mkdir(parents=True, exist_ok=True)
+        with self.log_file.open("ab") as logf:
+            proc = subprocess.Popen([str(venv_bin() / "airflow"), "standalone"], env=self.env(), cwd=REPO,
+                                    stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+        self._proc = proc  # kept so that stop() can reap it
+        self.pid_file.write_text(str(proc.pid))
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise StackError(f"airflow standalone exited with {proc.returncode}; see {self.log_file}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/api/v2/monitor/health", timeout=3):
+                    return
+            except (urllib.error.URLError, OSError):
+                time.sleep(2)
+        raise StackError(f"the api-server did not answer on {self.url} within {timeout:.0f} s; see {self.log_file}")
+
+    def stop(self, grace: float = 30) -> None:
+        """SIGTERM the whole standalone process group (scheduler, api-server, ... outlive their parent
+        otherwise), SIGKILL what is left after `grace` seconds."""
+        pid = self.pid
+        if pid is None:
+            return
+        try:
+            os.killpg(pid, signal.SIGTERM)
+            deadline = time.monotonic() + grace
+            while time.monotonic() < deadline:
+                time.sleep(0.5)
+                os.killpg(pid, 0)
+            os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc = getattr(self, "_proc", None)
+        if proc is not None:
+            proc.wait(timeout=10)
+        self.pid_file.unlink(missing_ok=True)
+
+    def owns(self, pid: int) -> bool:
+        """True when `pid` runs in the stack's session (a process this stack started)."""
+        try:
+            return self.pid is not None and os.getsid(pid) == self.pid
+        except OSError:
+            return False
+
+    def components(self) -> dict[str, int]:
+        """PIDs of standalone's long-lived children by role: scheduler, dag-processor, api-server, triggerer."""
+        found: dict[str, int] = {}
+        parent = self.pid
+        if parent is None:
+            return found
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                stat = (entry / "stat").read_text()
+                ppid = int(stat.rsplit(")", 1)[1].split()[1])
+                argv = (entry / "cmdline").read_bytes().split(b"\0")
+            except (OSError, IndexError, ValueError):
+                continue
+            if ppid != parent:
+                continue
+            words = [a.decode(errors="replace") for a in argv if a]
+            role = next((w for w in words if w in ("scheduler", "dag-processor", "api-server", "triggerer")), None)
+            if role:
+                found[role] = int(entry.name)
+        return found
+
+    # -- runs ----------------------------------------------------------------------------------
+    def _query(self, sql: str, params: tuple = ()) -> list[tuple]:
+        if not self.db_file.exists():
+            return []
+        conn = sqlite3.connect(f"file:{self.db_file}?mode=ro", uri=True, timeout=30)
+        try:
+            return conn.execute(sql, params).fetchall()
+        except sqlite3.OperationalError as exc:  # the schema is not there yet (before migrate)
+            if "no such table" in str(exc):
+                return []
+            raise
+        finally:
+            conn.close()
+
+    def dag_parsed(self, dag_id: str = DAG_ID) -> bool:
+        return bool(self._query("SELECT 1 FROM serialized_dag WHERE dag_id = ?", (dag_id,)))
+
+    def wait_for_dag(self, dag_id: str = DAG_ID, timeout: float = 180) -> None:
+        """Until the dag-processor has parsed and serialized the DAG."""
+        deadline = time.monotonic() + timeout
+        while not self.dag_parsed(dag_id):
+            if time.monotonic() > deadline:
+                raise StackError(f"the DAG {dag_id} was not parsed within {timeout:.0f} s; see {self.log_file}")
+            if not self.running():
+                raise StackError(f"airflow standalone stopped; see {self.log_file}")
+            time.sleep(2)
+
+    def trigger(self, conf: Mapping[str, Any], run_id: str, dag_id: str = DAG_ID) -> str:
+        self.airflow("dags", "unpause", dag_id, check=False)
+        self.airflow("dags", "trigger", dag_id, "--run-id", run_id, "--conf", json.dumps(dict(conf)))
+        return run_id
+
+    def run_state(self, run_id: str, dag_id: str = DAG_ID) -> str:
+        rows = self._query("SELECT state FROM dag_run WHERE dag_id = ? AND run_id = ?", (dag_id, run_id))
+        return (rows[0][0] if rows else None) or "queued"
+
+    def tasks(self, run_id: str, dag_id: str = DAG_ID) -> list[TaskState]:
+        rows = self._query("SELECT task_id, map_index, state, try_number, pid FROM task_instance "
+                           "WHERE dag_id = ? AND run_id = ? ORDER BY start_date, task_id, map_index",
+                           (dag_id, run_id))
+        return [TaskState(t, int(m), s or "none", int(n or 0), p) for t, m, s, n, p in rows]
+
+    def task(self, run_id: str, task_id: str, map_index: int = -1, dag_id: str = DAG_ID) -> TaskState | None:
+        return next((t for t in self.tasks(run_id, dag_id) if t.task_id == task_id and t.map_index == map_index), None)
+
+    def tries(self, run_id: str, task_id: str, map_index: int = -1, dag_id: str = DAG_ID) -> list[tuple[int, str]]:
+        """(try_number, state) of the task's earlier tries (Airflow's task_instance_history)."""
+        rows = self._query("SELECT try_number, state FROM task_instance_history WHERE dag_id = ? AND run_id = ? "
+                           "AND task_id = ? AND map_index = ? ORDER BY try_number",
+                           (dag_id, run_id, task_id, map_index))
+        return [(int(n), s) for n, s in rows]
+
+    def wait_run(self, run_id: str, *, timeout: float = 1800, dag_id: str = DAG_ID,
+                 on_task: Callable[[TaskState], None] | None = None, poll: float = 1.0) -> str:
+        """Poll until the run ends; `on_task` sees every task whose state changed. Returns the run state."""
+        seen: dict[str, tuple[str, int]] = {}
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for ti in self.tasks(run_id, dag_id):
+                if seen.get(ti.label) != (ti.state, ti.try_number):
+                    seen[ti.label] = (ti.state, ti.try_number)
+                    if on_task is not None:
+                        on_task(ti)
+            state = self.run_state(run_id, dag_id)
+            if state in FINAL_RUN_STATES:
+                return state
+            if not self.running():
+                raise StackError(f"airflow standalone stopped during run {run_id}; see {self.log_file}")
+            time.sleep(poll)
+        return "timed out"
+
+    def task_log(self, run_id: str, task_id: str, map_index: int = -1, try_number: int = 1) -> str:
+        """The task's log file text ('' when there is none yet)."""
+        folder = self.home / "logs" / f"dag_id={DAG_ID}" / f"run_id={run_id}" / f"task_id={task_id}"
+        if map_index >= 0:
+            folder = folder / f"map_index={map_index}"
+        path = folder / f"attempt={try_number}.log"
+        try:
+            return path.read_text(errors="replace")
+        except OSError:
+            return ""
