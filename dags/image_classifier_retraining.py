@@ -144,7 +144,9 @@ def image_classifier_retraining():
             config = _config()
             return ingest_stage(config, _store(config), kaggle_credentials=_kaggle_credentials())
 
-        @task(retries=0)
+        # Retries are for the store (a restart mid-upload); a failing suite is a DataError and
+        # NO_RETRY_ON_BAD_INPUT fails it at once.
+        @task
         def validate(dataset: dict) -> dict:
             """Great Expectations suite over the manifest; failing expectations stop the run."""
             from ml.pipeline import validate_stage
@@ -152,7 +154,7 @@ def image_classifier_retraining():
             config = _config()
             return validate_stage(dataset["dataset_dir"], config, _store(config), _run_id())
 
-        @task.short_circuit(retries=0)
+        @task.short_circuit
         def should_train(dataset: dict, quality: dict) -> bool:
             """Skip training when production was trained on this exact dataset (unless force)."""
             import logging
