@@ -80,11 +80,15 @@ class AirflowStack:
     """`airflow standalone` (LocalExecutor, SQLite) wired to a SeaweedFS server, under `root`."""
 
     def __init__(self, root: Path, server: SeaweedServer, *, api_port: int = 8080, bucket: str = BUCKET,
-                 parallelism: int = 4, extra_env: Mapping[str, str] | None = None) -> None:
+                 parallelism: int = 4, extra_env: Mapping[str, str] | None = None,
+                 endpoint_url: str | None = None) -> None:
         self.root = Path(root)
         self.home = self.root / "airflow"
         self.work_dir = self.root / "work"
         self.server = server
+        # What tasks connect to: the server itself, or e.g. a fault-injecting proxy in front of it.
+        self.endpoint_url = endpoint_url or server.endpoint_url
+        self._token: str | None = None
         self.api_port = api_port
         self.bucket = bucket
         self.parallelism = parallelism
@@ -102,7 +106,7 @@ class AirflowStack:
     def env(self) -> dict[str, str]:
         """Environment of every airflow process of the stack: home, DAGs, executor, connection."""
         conn = {"conn_type": "aws", "login": self.server.access_key, "password": self.server.secret_key,
-                "extra": {"endpoint_url": self.server.endpoint_url, "region_name": "us-east-1"}}
+                "extra": {"endpoint_url": self.endpoint_url, "region_name": "us-east-1"}}
         # Nothing of the caller's Airflow or AWS settings leaks in (a test session may have its own home).
         base = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "_AIRFLOW", "AWS_"))}
         return {
@@ -130,7 +134,7 @@ class AirflowStack:
             # Runs start on demand; a scheduled weekly run would start as soon as the DAG is unpaused.
             "ML_RETRAIN_SCHEDULE": "none",
             "AIRFLOW_CONN_ML_OBJECT_STORE": json.dumps(conn),
-            "ML_S3_ENDPOINT_URL": self.server.endpoint_url or "",
+            "ML_S3_ENDPOINT_URL": self.endpoint_url or "",
             "ML_S3_BUCKET": self.bucket,
             "ML_WORK_DIR": str(self.work_dir),
             "AWS_EC2_METADATA_DISABLED": "true",
@@ -222,28 +226,38 @@ class AirflowStack:
         except OSError:
             return False
 
-    def components(self) -> dict[str, int]:
-        """PIDs of standalone's long-lived children by role: scheduler, dag-processor, api-server, triggerer."""
-        found: dict[str, int] = {}
-        parent = self.pid
-        if parent is None:
+    def _session_processes(self) -> list[tuple[int, int, str]]:
+        """(pid, parent pid, command line) of every process in the stack's session."""
+        found = []
+        if self.pid is None:
             return found
         for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
+            if not entry.name.isdigit() or not self.owns(int(entry.name)):
                 continue
             try:
-                stat = (entry / "stat").read_text()
-                ppid = int(stat.rsplit(")", 1)[1].split()[1])
-                argv = (entry / "cmdline").read_bytes().split(b"\0")
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                argv = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
             except (OSError, IndexError, ValueError):
                 continue
-            if ppid != parent:
-                continue
-            words = [a.decode(errors="replace") for a in argv if a]
-            role = next((w for w in words if w in ("scheduler", "dag-processor", "api-server", "triggerer")), None)
-            if role:
-                found[role] = int(entry.name)
+            found.append((int(entry.name), ppid, argv))
         return found
+
+    def components(self) -> dict[str, list[int]]:
+        """PIDs of the stack's long-lived processes by role: scheduler, dag-processor, api-server,
+        triggerer (standalone's children) and executor-workers (the LocalExecutor's worker pool)."""
+        roles: dict[str, list[int]] = {}
+        for pid, ppid, argv in self._session_processes():
+            words = argv.split()
+            if ppid == self.pid:
+                role = next((w.replace("_", "-") for w in words[:4]
+                             if w in ("scheduler", "dag-processor", "api-server", "api_server", "triggerer")), None)
+            elif argv.startswith("airflow worker -- LocalExecutor"):
+                role = "executor-workers"  # task processes are their forks, titled "airflow worker -- <ti id>"
+            else:
+                role = None
+            if role:
+                roles.setdefault(role, []).append(pid)
+        return roles
 
     # -- runs ----------------------------------------------------------------------------------
     def _query(self, sql: str, params: tuple = ()) -> list[tuple]:
@@ -315,6 +329,34 @@ class AirflowStack:
                 raise StackError(f"airflow standalone stopped during run {run_id}; see {self.log_file}")
             time.sleep(poll)
         return "timed out"
+
+    def api(self, method: str, path: str, body: Any = None) -> Any:
+        """One call of the REST API as standalone's admin user (the token is fetched once)."""
+        if self._token is None:
+            passwords = json.loads((self.home / "simple_auth_manager_passwords.json.generated").read_text())
+            user, password = next(iter(passwords.items()))
+            self._token = self._http("POST", "/auth/token", {"username": user, "password": password})["access_token"]
+        return self._http(method, path, body, token=self._token)
+
+    def _http(self, method: str, path: str, body: Any = None, token: str | None = None) -> Any:
+        request = urllib.request.Request(self.url + path, method=method,
+                                         data=json.dumps(body).encode() if body is not None else None)
+        request.add_header("Content-Type", "application/json")
+        if token:
+            request.add_header("Authorization", f"Bearer {token}")
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                payload = response.read()
+        except urllib.error.HTTPError as exc:
+            raise StackError(f"{method} {path}: HTTP {exc.code}: {exc.read()[:500]!r}") from exc
+        return json.loads(payload) if payload else None
+
+    def clear_failed(self, run_id: str, dag_id: str = DAG_ID) -> list[str]:
+        """Clear a run's failed tasks and their downstream (the UI's "Clear failed"); returns what was cleared."""
+        done = self.api("POST", f"/api/v2/dags/{dag_id}/clearTaskInstances",
+                        {"dag_run_id": run_id, "only_failed": True, "include_downstream": True, "dry_run": False,
+                         "reset_dag_runs": True})
+        return sorted(f"{t['task_id']}[{t.get('map_index', -1)}]" for t in (done or {}).get("task_instances", []))
 
     def task_log(self, run_id: str, task_id: str, map_index: int = -1, try_number: int = 1) -> str:
         """The task's log file text ('' when there is none yet)."""

@@ -1,26 +1,32 @@
-"""Soak: run the pipeline N times back to back with random faults, then check the invariants.
+"""Soak: run the retraining DAG N times back to back on a real Airflow with random faults, then check invariants.
 
-    python scripts/soak.py --runs 10 [--seed 7] [--dir DIR] [--keep]
+    python scripts/soak.py --runs 10 [--seed 7] [--dir DIR] [--keep] [--verbose]     (make soak N=10)
 
-Everything runs on the embedded defaults: a private SeaweedFS (`weed mini`) on loopback, a
-generated 3-class sample, the stage functions of `ml.pipeline` in this process (what `python -m
-ml run` calls), scratch_tiny at 32 px for 2-4 epochs. Before or during each run a seeded RNG
-picks faults from:
+Everything runs on the embedded defaults, as `make demo` does: a private SeaweedFS (`weed
+mini`) on loopback and `airflow standalone` (scheduler, dag-processor, triggerer, api-server;
+LocalExecutor, SQLite) on free ports under one temporary folder, a generated 3-class sample,
+scratch_tiny at 32 px. Each run is a real DAG run, triggered like a user would and watched
+through the metadata DB. A seeded RNG picks each run's faults:
 
-- ``store_restart``   SIGKILL the object store between two stages, restart it on the same data
-                      dir and ports; the same client carries on;
-- ``cache_corruption`` flip a bit in the decoded-image cache (images.u8) before training;
-- ``rival_promoter``  a second run, gated against the same champion, promotes from another
-                      process at the same moment (one conditional write wins, the other re-gates);
-- ``tampered_model``  right after a promotion, replace the new model.keras in the store; a
-                      long-lived `ModelClient` must keep serving its previous model; then repair it.
+- ``store_restart``    SIGKILL the object store right after a random task succeeded, restart it on
+                       the same data dir and ports; the next tasks must reconnect (or retry) and carry on;
+- ``train_kill``       SIGKILL the `training.train` task process mid-epoch (the PID Airflow recorded);
+                       Airflow's own retry must train it again and the run go on;
+- ``cache_corruption`` flip a bit in the decoded-image cache the previous run left; `prepare` must
+                       detect it by checksum and rebuild, and training never see it;
+- ``rival_promoter``   another process trains, gates against the same champion and promotes the moment
+                       the DAG's `release.promote` starts: one conditional write wins, the other re-gates;
+- ``tampered_model``   right after a promotion, change the new model.keras in the store; a long-lived
+                       `ModelClient` must keep serving its previous model; then the bytes are repaired.
 
-After every run: production.json names a COMPLETE version whose files match their sha256; every
-"promote" in the promotion log has its run's gate.json saying promote, and the last one is what
-the pointer names; no temporary objects or folders older than the run are left. At the end the
-RSS of the long-lived processes (SeaweedFS, this process) must not grow without bound (mean of
-the last third vs the first third of the runs). Prints ``soak: runs=N faults=K
-invariant_violations=V`` and exits 1 if V > 0.
+After every run: the DAG run succeeded; production.json names a COMPLETE version whose files
+match their sha256; every pointer move in the promotion log has its run's gate.json saying
+promote, and the last one is what the pointer names; the consumer serves production; no
+temporary objects or folders older than the run are left. At the end the RSS of the long-lived
+processes (SeaweedFS, scheduler, its LocalExecutor workers, dag-processor, api-server, triggerer,
+this process) must not
+grow without bound (mean of the last third vs the first third of the runs). Prints
+``soak: runs=N faults=K invariant_violations=V`` and exits 1 if V > 0.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -50,50 +57,116 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
 
-from ml.config import PipelineConfig  # noqa: E402
+from scripts.airflow_stack import AirflowStack, TaskState, free_port  # noqa: E402
 
 MODEL = "image-classifier"
 BUCKET = "soak"
-FAULTS = ("store_restart", "cache_corruption", "rival_promoter", "tampered_model")
-FAULT_PROBABILITY = {"store_restart": 0.5, "cache_corruption": 0.3, "rival_promoter": 0.3, "tampered_model": 0.4}
+FAULTS = ("store_restart", "train_kill", "cache_corruption", "rival_promoter", "tampered_model")
+FAULT_PROBABILITY = {"store_restart": 0.4, "train_kill": 0.3, "cache_corruption": 0.3, "rival_promoter": 0.3,
+                     "tampered_model": 0.4}
+# The store is restarted right after one of these succeeded: the next task meets a fresh store.
+RESTART_AFTER = ("data.ingest", "data.validate", "data.should_train", "training.prepare", "training.train[0]",
+                 "release.evaluate", "release.gate")
+EPOCHS = (2, 3, 4)  # drawn per run: models of varying quality, so the gate decides both ways
+KILL_EPOCHS = 25  # a run whose training gets killed trains longer, so the kill lands mid-training
+TRAIN_TASK = "training.train[0]"
+RUN_TIMEOUT_S = 1200
 # RSS may grow this much (and this fraction) from the first third of the runs to the last third.
 RSS_GROWTH_MB = 150.0
-EPOCHS = (2, 3, 4)  # drawn per run: models of varying quality, so the gate decides both ways
 RSS_GROWTH_FRACTION = 0.5
+LONG_LIVED = ("weed", "scheduler", "executor-workers", "dag-processor", "api-server", "triggerer", "soak")
+
+# Tasks read this file (ML_CONFIG); DAG params (the run conf) override it per run.
+PIPELINE_YAML = {
+    "storage": {"model_name": MODEL},
+    "data": {"min_images_per_class": 5},
+    # A high learning rate: scratch_tiny learns the sample within a few epochs of 3 steps.
+    "train": {"learning_rate": 0.01, "early_stopping_patience": 1000},
+    # force (in the conf): retrain on the same sample every run; the gate still decides on the numbers.
+    "gate": {"min_gain_over_chance": 0.0, "min_delta": 0.0},
+}
 
 log = logging.getLogger("soak")
 
 RIVAL = """
 import json, pathlib, sys, time
+from ml import pipeline as P
 from ml.config import PipelineConfig
-from ml.pipeline import promote_stage
 from ml.registry.store import ObjectStore
-import keras, tensorflow  # warm, so that both promoters start at the same moment
 args = json.loads(pathlib.Path(sys.argv[1]).read_text())
 config = PipelineConfig.from_dict(args["config"])
 store = ObjectStore.from_config(config.storage)
-pathlib.Path(sys.argv[1] + ".ready").touch()
+run_id = args["run_id"]
+dataset = P.ingest_stage(config, store)
+P.prepare_stage(dataset["dataset_dir"], config)
+results = [P.train_stage(dataset["dataset_dir"], c, config, store, run_id) for c in config.train.candidates]
+evaluation = P.evaluate_stage(dataset["dataset_dir"], results, config, store, run_id)
+decision = P.gate_stage(dataset["dataset_dir"], evaluation, config, store, run_id)
+pathlib.Path(sys.argv[1] + ".ready").write_text(json.dumps({"promote": decision["promote"]}))
 while not pathlib.Path(sys.argv[2]).exists():
     time.sleep(0.01)
-result = promote_stage(args["dataset"], args["evaluation"], args["decision"], config, store, args["run_id"],
-                       actor="soak-rival")
+result = P.promote_stage(dataset, evaluation, decision, config, store, run_id, actor="soak-rival")
 print(json.dumps({"promoted": result["promoted"], "version": result.get("version")}))
 """
 
 
-def rss_mb(pid: int) -> float:
+def rss_mb(pid: int | None) -> float:
     """Resident set size of a process from /proc (0 when it is gone)."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
-    except OSError:
+    except (OSError, TypeError):
         pass
     return 0.0
 
 
+def history_rows(folder: Path) -> int:
+    """Completed epochs in any history.csv below `folder` (CSVLogger flushes a row per epoch)."""
+    rows = 0
+    for path in folder.rglob("history.csv"):
+        with contextlib.suppress(OSError):
+            rows = max(rows, len(path.read_text().splitlines()) - 1)
+    return rows
+
+
+class Rival:
+    """A second promoter in its own process: trains, gates, then waits for `go()` to promote."""
+
+    def __init__(self, root: Path, config: Any, run_id: str, env: dict[str, str]) -> None:
+        self.run_id = run_id
+        self.folder = Path(tempfile.mkdtemp(prefix="rival-", dir=root))
+        self.args, self.go_file = self.folder / "args.json", self.folder / "go"
+        self.args.write_text(json.dumps({"config": config.to_dict(), "run_id": run_id}))
+        self.proc = subprocess.Popen([sys.executable, "-c", RIVAL, str(self.args), str(self.go_file)], env=env,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.released = False
+
+    def wait_ready(self, timeout: float) -> bool:
+        """Until the rival has gated (True) or died / timed out (False)."""
+        deadline = time.monotonic() + timeout
+        while not Path(str(self.args) + ".ready").exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                return False
+            time.sleep(0.1)
+        return True
+
+    def go(self) -> None:
+        self.go_file.touch()
+        self.released = True
+
+    def finish(self, timeout: float = 300) -> tuple[int, str, str]:
+        if not self.released:
+            self.go()  # the DAG run ended before its promote started: promote anyway, sequentially
+        out, err = self.proc.communicate(timeout=timeout)
+        shutil.rmtree(self.folder, ignore_errors=True)
+        return self.proc.returncode, out, err
+
+
 class Soak:
     def __init__(self, root: Path, seed: int) -> None:
+        import yaml
+
         from ml.data.sample import make_sample_dataset
         from ml.registry.seaweed import SeaweedServer
         from ml.registry.store import ObjectStore
@@ -107,24 +180,23 @@ class Soak:
         self.store.ensure_bucket()
         self.sample = root / "sample"
         make_sample_dataset(self.sample, classes=3, per_class=30, size=40, seed=seed)
+        config_file = root / "pipeline.yaml"
+        config_file.write_text(yaml.safe_dump(PIPELINE_YAML))
+        self.stack = AirflowStack(root, self.server, api_port=free_port(), bucket=BUCKET,
+                                  extra_env={"ML_CONFIG": str(config_file)})
         self.client = ModelClient(self.store, MODEL, cache_dir=root / "consumer")
         self.violations: list[str] = []
         self.faults: list[str] = []
-        self.rss: list[tuple[float, float]] = []
-        self.gate_decisions: dict[str, bool] = {}
+        self.rss: list[dict[str, float]] = []
+        self.outcomes: Counter[str] = Counter()
 
-    # -- configuration ---------------------------------------------------------------------
-    def config(self, epochs: int) -> PipelineConfig:
-        return PipelineConfig.from_dict({
-            "work_dir": str(self.root / "work"),
-            "storage": {"bucket": BUCKET, "model_name": MODEL, "endpoint_url": self.server.endpoint_url},
-            "data": {"source": str(self.sample), "min_images_per_class": 5},
-            # A high learning rate: scratch_tiny learns the sample within a few epochs of 3 steps.
-            "train": {"candidates": ["scratch_tiny"], "epochs": epochs, "image_size": 32, "learning_rate": 0.01,
-                      "finetune_top_k": 0},
-            # force: retrain on the same sample every run; the gate still decides on the numbers.
-            "gate": {"force": True, "min_gain_over_chance": 0.0, "min_delta": 0.0},
-        })
+    def start(self) -> None:
+        started = time.monotonic()
+        self.stack.prepare()
+        self.stack.start()
+        self.stack.wait_for_dag()
+        log.info("airflow standalone up at %s in %.0f s (home %s); store %s", self.stack.url,
+                 time.monotonic() - started, self.stack.home, self.server.endpoint_url)
 
     def violation(self, message: str) -> None:
         log.error("INVARIANT VIOLATED: %s", message)
@@ -137,118 +209,47 @@ class Soak:
         while self.server.is_running() and time.monotonic() < deadline:
             time.sleep(0.02)
         self.server.restart()
-        log.info("fault: store SIGKILLed and restarted on %s", self.server.endpoint_url)
 
-    def corrupt_cache(self, config: PipelineConfig, dataset: dict[str, Any]) -> bool:
-        from ml.data.image_cache import IMAGES_FILE, cache_folder
-        from ml.pipeline import cache_root
+    def corrupt_cache(self) -> Path | None:
+        """Flip one bit in the middle of the decoded-image cache a previous run built."""
+        from ml.data.image_cache import IMAGES_FILE
 
-        images = cache_folder(cache_root(config), dataset["dataset_hash"], config.train.image_size) / IMAGES_FILE
-        if not images.exists():
-            return False
+        caches = sorted((self.stack.work_dir / "cache").rglob(IMAGES_FILE))
+        if not caches:
+            return None
+        images = caches[0]
         with images.open("r+b") as fh:
             fh.seek(images.stat().st_size // 2)
             byte = fh.read(1)[0]
             fh.seek(-1, os.SEEK_CUR)
             fh.write(bytes([byte ^ 0x01]))
-        log.info("fault: flipped a bit in %s", images)
+        return images
+
+    def kill_training(self, task: TaskState, cand_dir: Path) -> bool:
+        """SIGKILL the training task process once it has finished 2 epochs (False: not yet)."""
+        if task.state != "running" or not task.pid or task.try_number != 1 or history_rows(cand_dir) < 2:
+            return False
+        if not self.stack.owns(task.pid):
+            self.violation(f"task pid {task.pid} is not a process of the soak's Airflow; not killed")
+            return True
+        os.kill(task.pid, signal.SIGKILL)
         return True
 
-    # -- one run ---------------------------------------------------------------------------
-    def run(self, index: int) -> None:
-        from ml import pipeline as P
+    def start_rival(self, run_id: str, epochs: int) -> Rival:
+        from ml.config import PipelineConfig
 
-        faults = [f for f in FAULTS if self.rng.random() < FAULT_PROBABILITY[f]]
-        epochs = self.rng.choice(EPOCHS)
-        restart_at = self.rng.randrange(4)  # before prepare / train / evaluate / promote
-        config = self.config(epochs)
-        run_id = f"soak-{index:03d}-{uuid.uuid4().hex[:4]}"
-        started = datetime.now(UTC)
-        injected: list[str] = []
-
-        def maybe_restart(point: int) -> None:
-            if "store_restart" in faults and point == restart_at:
-                self.restart_store()
-                injected.append("store_restart")
-
-        dataset = P.ingest_stage(config, self.store)
-        if "cache_corruption" in faults and self.corrupt_cache(config, dataset):
-            injected.append("cache_corruption")
-        maybe_restart(0)
-        P.prepare_stage(dataset["dataset_dir"], config)
-        maybe_restart(1)
-        results = [P.train_stage(dataset["dataset_dir"], c, config, self.store, run_id)
-                   for c in config.train.candidates]
-        maybe_restart(2)
-        evaluation = P.evaluate_stage(dataset["dataset_dir"], results, config, self.store, run_id)
-        decision = P.gate_stage(dataset["dataset_dir"], evaluation, config, self.store, run_id)
-        self.gate_decisions[run_id] = bool(decision["promote"])
-        log.info("gate of %s: %s (%s)", run_id, "promote" if decision["promote"] else "keep", decision["reasons"][0])
-        rival = None
-        if "rival_promoter" in faults:
-            rival = self.prepare_rival(dataset, run_id, epochs)
-        maybe_restart(3)
-        previous = self.client.current.version if self.client.current else None
-        if rival is not None:
-            result = self.race(rival, dataset, evaluation, decision, config, run_id)
-            injected.append("rival_promoter")
-        else:
-            result = P.promote_stage(dataset, evaluation, decision, config, self.store, run_id, actor="soak")
-        if "tampered_model" in faults and result.get("promoted"):
-            self.tamper_and_repair(result["version"], previous)
-            injected.append("tampered_model")
-        self.check_invariants(started)
-        self.faults += injected
-        import keras
-
-        keras.backend.clear_session()
-        gc.collect()
-        self.rss.append((rss_mb(self.server.pid or 0), rss_mb(os.getpid())))
-        log.info("run %d %s: epochs %d, faults %s, promoted %s -> production %s; RSS weed %.0f MB, self %.0f MB",
-                 index, run_id, epochs, injected or "none", result.get("promoted"), result.get("version"),
-                 *self.rss[-1])
-
-    def prepare_rival(self, dataset: dict[str, Any], run_id: str, epochs: int) -> dict[str, Any]:
-        """A second run gated against the same champion, to promote from another process."""
-        from ml import pipeline as P
-
-        rival_id = run_id + "-rival"
-        config = self.config(self.rng.choice(EPOCHS))
-        results = [P.train_stage(dataset["dataset_dir"], c, config, self.store, rival_id)
-                   for c in config.train.candidates]
-        evaluation = P.evaluate_stage(dataset["dataset_dir"], results, config, self.store, rival_id)
-        decision = P.gate_stage(dataset["dataset_dir"], evaluation, config, self.store, rival_id)
-        self.gate_decisions[rival_id] = bool(decision["promote"])
-        return {"run_id": rival_id, "config": config, "evaluation": evaluation, "decision": decision}
-
-    def race(self, rival: dict[str, Any], dataset: dict[str, Any], evaluation: dict[str, Any],
-             decision: dict[str, Any], config: PipelineConfig, run_id: str) -> dict[str, Any]:
-        from ml import pipeline as P
-
-        folder = Path(tempfile.mkdtemp(prefix="rival-", dir=self.root))
-        args, go = folder / "args.json", folder / "go"
-        args.write_text(json.dumps({"config": rival["config"].to_dict(), "dataset": dataset,
-                                    "evaluation": rival["evaluation"], "decision": rival["decision"],
-                                    "run_id": rival["run_id"]}))
+        # Another worker: its own work dir, the same store and champion.
+        config = PipelineConfig.from_dict({
+            **PIPELINE_YAML, "work_dir": str(self.root / "rival-work"),
+            "storage": {"bucket": BUCKET, "model_name": MODEL, "endpoint_url": self.server.endpoint_url},
+            "data": {**PIPELINE_YAML["data"], "source": str(self.sample)},
+            "train": {**PIPELINE_YAML["train"], "candidates": ["scratch_tiny"], "epochs": epochs, "image_size": 32,
+                      "finetune_top_k": 0},
+            "gate": {**PIPELINE_YAML["gate"], "force": True},
+        })
         env = {**os.environ, "PYTHONPATH": str(REPO), "AWS_ACCESS_KEY_ID": self.server.access_key,
-               "AWS_SECRET_ACCESS_KEY": self.server.secret_key,
-               "ML_S3_ENDPOINT_URL": self.server.endpoint_url or ""}
-        proc = subprocess.Popen([sys.executable, "-c", RIVAL, str(args), str(go)], env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        deadline = time.monotonic() + 120
-        while not Path(str(args) + ".ready").exists() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.02)
-        go.touch()
-        try:
-            result = P.promote_stage(dataset, evaluation, decision, config, self.store, run_id, actor="soak")
-        finally:
-            out, err = proc.communicate(timeout=300)
-            shutil.rmtree(folder, ignore_errors=True)
-        if proc.returncode != 0:
-            self.violation(f"rival promoter of {rival['run_id']} failed: {err.strip().splitlines()[-1:]}")
-        else:
-            log.info("rival %s: %s", rival["run_id"], out.strip().splitlines()[-1])
-        return result
+               "AWS_SECRET_ACCESS_KEY": self.server.secret_key, "ML_S3_ENDPOINT_URL": self.server.endpoint_url or ""}
+        return Rival(self.root, config, run_id + "-rival", env)
 
     def tamper_and_repair(self, version: str, previous: str | None) -> None:
         """Replace a just-promoted model.keras; the client must keep its model; then put the bytes back."""
@@ -268,7 +269,109 @@ class Soak:
         except ModelVerificationError:
             pass
         self.store.put_bytes(key, original)  # the repair an operator would do: re-upload the verified bytes
-        log.info("fault: tampered %s (refused; client kept %s), then repaired", key, previous)
+        log.info("  fault: tampered %s (refused; client kept %s), then repaired", key, previous)
+
+    # -- one run ---------------------------------------------------------------------------
+    def run(self, index: int) -> None:
+        from ml.pipeline import safe_run_id
+
+        faults = [f for f in FAULTS if self.rng.random() < FAULT_PROBABILITY[f]]
+        epochs = KILL_EPOCHS if "train_kill" in faults else self.rng.choice(EPOCHS)
+        restart_after = self.rng.choice(RESTART_AFTER)
+        run_id = f"soak__{index:03d}_{uuid.uuid4().hex[:4]}"
+        cand_dir = self.stack.work_dir / "runs" / safe_run_id(run_id) / "scratch_tiny"
+        started = datetime.now(UTC)
+        clock = time.monotonic()
+        injected: list[str] = []
+        log.info("run %d %s: epochs %d, faults drawn %s%s", index, run_id, epochs, faults or "none",
+                 f" (store restart after {restart_after})" if "store_restart" in faults else "")
+
+        if "cache_corruption" in faults:
+            corrupted = self.corrupt_cache()
+            if corrupted is not None:
+                injected.append("cache_corruption")
+                log.info("  fault: flipped a bit in %s", corrupted)
+        rival = self.start_rival(run_id, self.rng.choice(EPOCHS)) if "rival_promoter" in faults else None
+        if rival is not None and not rival.wait_ready(timeout=300):
+            self.violation(f"rival {rival.run_id} never got to its gate: {rival.finish()[2].strip()[-500:]}")
+            rival = None
+        previous = self.client.current.version if self.client.current else None
+        conf = {"source": str(self.sample), "candidates": ["scratch_tiny"], "epochs": epochs, "image_size": 32,
+                "finetune_top_k": 0, "force": True}
+        self.stack.trigger(conf, run_id)
+
+        pending = {f for f in faults if f in ("store_restart", "train_kill", "rival_promoter")}
+        if rival is None:
+            pending.discard("rival_promoter")
+        state = "timed out"
+        deadline = time.monotonic() + RUN_TIMEOUT_S
+        while time.monotonic() < deadline:
+            tasks = {t.label: t for t in self.stack.tasks(run_id)}
+            if "store_restart" in pending and getattr(tasks.get(restart_after), "state", None) == "success":
+                self.restart_store()
+                pending.discard("store_restart")
+                injected.append("store_restart")
+                log.info("  fault: store SIGKILLed and restarted after %s", restart_after)
+            if "train_kill" in pending and TRAIN_TASK in tasks:
+                task = tasks[TRAIN_TASK]
+                if task.try_number > 1 or task.state in ("success", "failed"):
+                    pending.discard("train_kill")  # too late to land mid-training
+                elif self.kill_training(task, cand_dir):
+                    pending.discard("train_kill")
+                    injected.append("train_kill")
+                    log.info("  fault: SIGKILLed %s (pid %d) after %d epochs", TRAIN_TASK, task.pid,
+                             history_rows(cand_dir))
+            # Released as the DAG's gate has decided: both promoters then publish and swap together.
+            promote_state = getattr(tasks.get("release.promote"), "state", None)
+            if "rival_promoter" in pending and (getattr(tasks.get("release.gate"), "state", None) == "success"
+                                                or promote_state in ("scheduled", "queued", "running", "success")):
+                rival.go()
+                pending.discard("rival_promoter")
+                injected.append("rival_promoter")
+                log.info("  fault: rival %s released with release.promote (%s)", rival.run_id, promote_state)
+            state = self.stack.run_state(run_id)
+            if state in ("success", "failed"):
+                break
+            time.sleep(0.1 if pending else 0.5)
+
+        if rival is not None:
+            code, out, err = rival.finish()
+            if code != 0:
+                self.violation(f"rival promoter of {rival.run_id} failed: {err.strip().splitlines()[-3:]}")
+            else:
+                log.info("  rival %s: %s", rival.run_id, out.strip().splitlines()[-1])
+        if "cache_corruption" in injected:
+            self.check_cache_rebuilt(run_id)
+        if state != "success":
+            failed = [f"{t.label} ({t.state}, try {t.try_number})" for t in self.stack.tasks(run_id)
+                      if t.state not in ("success", "skipped")]
+            self.violation(f"DAG run {run_id} ended {state}; tasks: {failed}; logs in {self.stack.home / 'logs'}")
+        retried = [f"{t.label} x{t.try_number}" for t in self.stack.tasks(run_id) if t.try_number > 1]
+        entry = self.decision_of(run_id)
+        self.outcomes[entry.get("action", "none") if entry else "none"] += 1
+        if entry and entry.get("action") == "promote" and "tampered_model" in faults:
+            self.tamper_and_repair(entry["to"], previous)
+            injected.append("tampered_model")
+        self.check_invariants(started)
+        self.faults += injected
+        import keras
+
+        keras.backend.clear_session()
+        gc.collect()
+        self.rss.append(self.sample_rss())
+        log.info("run %d %s: %s in %.0f s, faults %s, retried %s, gate %s -> production %s; RSS MB %s", index, run_id,
+                 state, time.monotonic() - clock, injected or "none", retried or "none",
+                 entry.get("action") if entry else "none", self.client.current.version if self.client.current else None,
+                 {k: round(v) for k, v in self.rss[-1].items()})
+
+    def decision_of(self, run_id: str) -> dict[str, Any] | None:
+        from ml.registry.versions import promotion_history
+
+        return next((e for e in reversed(promotion_history(self.store, MODEL)) if e.get("run_id") == run_id), None)
+
+    def sample_rss(self) -> dict[str, float]:
+        pids = {"weed": [self.server.pid], **self.stack.components(), "soak": [os.getpid()]}
+        return {name: sum(rss_mb(pid) for pid in pids.get(name, [])) for name in LONG_LIVED}
 
     # -- invariants ------------------------------------------------------------------------
     def check_invariants(self, run_started: datetime) -> None:
@@ -310,6 +413,20 @@ class Soak:
                 self.violation(f"the consumer serves {serving.version}, production is {pointer['version']}")
         self.check_orphans(run_started)
 
+    def check_cache_rebuilt(self, run_id: str) -> None:
+        """The corrupted cache was detected by `prepare` (before any training) and is whole again."""
+        from ml.data.image_cache import IMAGES_FILE, ImageCache
+        from ml.errors import CacheCorruptError
+
+        prepare_log = self.stack.task_log(run_id, "training.prepare")
+        if "is damaged and will be rebuilt" not in prepare_log:
+            self.violation(f"{run_id}: training.prepare did not report the corrupted image cache")
+        for images in (self.stack.work_dir / "cache").rglob(IMAGES_FILE):
+            try:
+                ImageCache.load(images.parent, verify=True)
+            except CacheCorruptError as exc:
+                self.violation(f"{run_id}: the image cache is still corrupt after the run: {exc}")
+
     def check_orphans(self, run_started: datetime) -> None:
         keys = self.store.list_keys(f"{MODEL}/")
         key_set = set(keys)
@@ -327,46 +444,51 @@ class Soak:
                 if marker not in key_set:
                     self.violation(f"candidate {'/'.join(parts[:4])} has files but no marker")
         cutoff = run_started.timestamp()
-        for path in (self.root / "work").rglob("*"):
-            name = path.name
-            temporary = name.startswith(".staging-") or ".tmp-" in name or name.endswith(".part")
-            if temporary and path.stat().st_mtime < cutoff:
-                self.violation(f"temporary {path} left from an earlier run")
+        for work in (self.stack.work_dir, self.root / "rival-work"):
+            for path in work.rglob("*") if work.exists() else ():
+                name = path.name
+                temporary = name.startswith(".staging-") or ".tmp-" in name or name.endswith(".part")
+                if temporary and path.stat().st_mtime < cutoff:
+                    self.violation(f"temporary {path} left from an earlier run")
 
     def check_memory(self) -> None:
         if len(self.rss) < 3:
             return
         third = max(1, len(self.rss) // 3)
-        for i, what in enumerate(("SeaweedFS", "soak process")):
-            first = sum(r[i] for r in self.rss[:third]) / third
-            last = sum(r[i] for r in self.rss[-third:]) / third
-            log.info("RSS of %s: %.0f MB (first third) -> %.0f MB (last third)", what, first, last)
+        for name in LONG_LIVED:
+            first = sum(r[name] for r in self.rss[:third]) / third
+            last = sum(r[name] for r in self.rss[-third:]) / third
+            log.info("RSS of %s: %.0f MB (first third of the runs) -> %.0f MB (last third)", name, first, last)
             if last - first > RSS_GROWTH_MB and last > first * (1 + RSS_GROWTH_FRACTION):
-                self.violation(f"RSS of {what} grew from {first:.0f} MB to {last:.0f} MB")
+                self.violation(f"RSS of {name} grew from {first:.0f} MB to {last:.0f} MB")
 
     def close(self) -> None:
-        self.server.stop()
+        try:
+            self.stack.stop()
+        finally:
+            self.server.stop()
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--runs", type=int, default=10, help="pipeline runs (default 10)")
+    parser.add_argument("--runs", type=int, default=10, help="DAG runs (default 10)")
     parser.add_argument("--seed", type=int, default=7, help="seed of the fault RNG")
     parser.add_argument("--dir", type=Path, default=None, help="working folder (default: a temporary one)")
-    parser.add_argument("--keep", action="store_true", help="keep the working folder")
+    parser.add_argument("--keep", action="store_true", help="keep the working folder (Airflow logs, store data)")
     parser.add_argument("--verbose", action="store_true", help="library logs and Keras progress too")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log.setLevel(logging.INFO)
     if not args.verbose:
-        logging.getLogger("tensorflow").setLevel(logging.ERROR)  # retracing notices of back-to-back runs
+        logging.getLogger("tensorflow").setLevel(logging.ERROR)
     root = args.dir or Path(tempfile.mkdtemp(prefix="ml-soak-"))
     root.mkdir(parents=True, exist_ok=True)
-    soak = Soak(root, args.seed)
     started = time.monotonic()
     runs_done = 0
+    soak = Soak(root, args.seed)
     try:
+        soak.start()
         for index in range(args.runs):
             quiet = contextlib.nullcontext() if args.verbose else contextlib.redirect_stdout(io.StringIO())
             try:
@@ -380,7 +502,10 @@ def main(argv: list[str] | None = None) -> int:
         soak.close()
         if not args.keep and args.dir is None:
             shutil.rmtree(root, ignore_errors=True)
-    log.info("%d runs in %.0f s", runs_done, time.monotonic() - started)
+        elif args.keep:
+            log.info("kept %s (Airflow home, logs, store data)", root)
+    log.info("%d runs in %.0f s; gate outcomes %s; faults %s", runs_done, time.monotonic() - started,
+             dict(soak.outcomes), dict(Counter(soak.faults)))
     print(f"soak: runs={runs_done} faults={len(soak.faults)} invariant_violations={len(soak.violations)}")
     return 1 if soak.violations else 0
 
