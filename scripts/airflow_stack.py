@@ -205,16 +205,18 @@ class AirflowStack:
         pid = self.pid
         if pid is None:
             return
+        proc = getattr(self, "_proc", None)
         try:
             os.killpg(pid, signal.SIGTERM)
             deadline = time.monotonic() + grace
             while time.monotonic() < deadline:
                 time.sleep(0.5)
+                if proc is not None:
+                    proc.poll()  # reap our child: a zombie leader would keep the group "alive"
                 os.killpg(pid, 0)
             os.killpg(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-        proc = getattr(self, "_proc", None)
         if proc is not None:
             proc.wait(timeout=10)
         self.pid_file.unlink(missing_ok=True)
