@@ -39,7 +39,7 @@ test-all: $(STAMP)  ## every test, the slow ones too
 test-faults: $(STAMP)  ## fault-injection tests
 	$(PY) -m pytest -q -m faults --timeout=1800
 
-soak: $(STAMP)  ## run the pipeline N times with random faults and check invariants (N=10)
+soak: $(STAMP)  ## trigger the DAG N times on airflow standalone with random faults, check invariants (N=10)
 	$(PY) scripts/soak.py --runs $${N:-10}
 
 bench: $(STAMP)  ## benchmarks (minutes; prints ratios against in-process baselines)

@@ -405,41 +405,49 @@ def promote_stage(dataset: Mapping[str, Any], evaluation: Mapping[str, Any], dec
     If another promotion moved the pointer since the gate read it, re-gate against the new
     champion (on this run's test split) once and either promote properly or stop with the reason.
     """
-    from ml.registry.versions import append_promotion_log, make_pointer, new_version_id, read_pointer, swap_pointer
+    from ml.registry.versions import append_promotion_log, make_pointer, read_pointer, swap_pointer
 
     dataset_dir = Path(dataset["dataset_dir"])
     model_name = config.storage.model_name
     result: dict[str, Any] = {"promoted": False, "decision": dict(decision), "run_id": run_id}
     if decision["promote"]:
-        version = new_version_id(datetime.now(UTC))
-        version_info = _publish_version(version, dataset, evaluation, decision, config, store, run_id,
-                                        quality=quality)
+        version, version_info = _claim_version(store, config, run_id, decision["challenger"])
+        if version_info is None:
+            version_info = _publish_version(version, dataset, evaluation, decision, config, store, run_id,
+                                            quality=quality)
         expected = decision.get("expected_etag")
         for attempt in (1, 2):
+            resumed = False
             pointer = make_pointer(store, model_name, version, candidate=decision["challenger"])
             try:
                 swap_pointer(store, model_name, pointer, expected_etag=expected)
             except PromotionConflict as conflict:
-                log.warning("promote: %s", conflict)
                 current, expected = read_pointer(store, model_name)
-                if attempt == 2 or current is None:
-                    raise
-                regated = _decide(dataset_dir, decision["challenger"], current, config, store, run_id)
-                _log_promotion(store, model_name, run_id, actor, decision["champion_version"], version,
-                               promoted=False, reasons=[f"lost the pointer race to {current['version']}"]
-                               + regated["reasons"])
-                if not regated["promote"]:
-                    result.update({"decision": regated, "reason": "re-gated against the new champion "
-                                   f"{current['version']} and lost"})
-                    log.info("promote: keeping %s: %s", current["version"], "; ".join(regated["reasons"]))
-                    break
-                decision = {**decision, **regated, "champion_version": current["version"]}
-                continue
-            append_promotion_log(store, model_name, {
-                "at": pointer["promoted_at"], "action": "promote", "version": version,
-                "from": decision.get("champion_version"), "to": version, "run_id": run_id, "actor": actor,
-                "candidate": decision["challenger"], "reasons": list(decision["reasons"]),
-            })
+                if current is None or current.get("version") != version:
+                    log.warning("promote: %s", conflict)
+                    if attempt == 2 or current is None:
+                        raise
+                    regated = _decide(dataset_dir, decision["challenger"], current, config, store, run_id)
+                    _log_promotion(store, model_name, run_id, actor, decision["champion_version"], version,
+                                   promoted=False, reasons=[f"lost the pointer race to {current['version']}"]
+                                   + regated["reasons"])
+                    if not regated["promote"]:
+                        result.update({"decision": regated, "reason": "re-gated against the new champion "
+                                       f"{current['version']} and lost"})
+                        log.info("promote: keeping %s: %s", current["version"], "; ".join(regated["reasons"]))
+                        break
+                    decision = {**decision, **regated, "champion_version": current["version"]}
+                    continue
+                # An earlier try of this run moved the pointer, then died before it could say so.
+                log.info("promote: production is already at %s (moved by an earlier try of this run)", version)
+                pointer, resumed = current, True
+            # A swap that succeeded just now cannot be in the log yet; one an earlier try made may be.
+            if not resumed or not _promotion_logged(store, model_name, run_id, version):
+                append_promotion_log(store, model_name, {
+                    "at": pointer["promoted_at"], "action": "promote", "version": version,
+                    "from": decision.get("champion_version"), "to": version, "run_id": run_id, "actor": actor,
+                    "candidate": decision["challenger"], "reasons": list(decision["reasons"]),
+                })
             result.update({"promoted": True, "version": version, "uri": pointer["uri"],
                            "version_uri": pointer.get("version_uri")})
             log.info("promote: production is now %s (%s)", version, version_info["uri"])
@@ -454,6 +462,51 @@ def promote_stage(dataset: Mapping[str, Any], evaluation: Mapping[str, Any], dec
         log.info("promote: production unchanged (%s): %s", result["version"], result["reason"])
     write_run_report(dataset, evaluation, result, config, store, run_id, quality=quality)
     return result
+
+
+def _promotion_logged(store: ObjectStore, model_name: str, run_id: str, version: str) -> bool:
+    """Whether the promotion log already records this run moving production to `version`."""
+    from ml.registry.versions import promotion_history
+
+    return any(e.get("action") == "promote" and e.get("run_id") == run_id and e.get("to") == version
+               for e in promotion_history(store, model_name))
+
+
+def _claim_version(store: ObjectStore, config: PipelineConfig, run_id: str,
+                   challenger: str) -> tuple[str, dict[str, Any] | None]:
+    """The version id this run's promotion publishes, the same for every try of the task.
+
+    A retried or cleared `promote` (say the store died mid-upload or at the pointer swap) takes
+    over what an earlier try claimed in ``runs/<run_id>/promotion.json``: a COMPLETE version is
+    reused as it is (returned with its info: nothing to upload again); an unfinished one is
+    deleted -- no reader takes a version without COMPLETE and `swap_pointer` refuses it -- and
+    published again. Without this, every such retry would leave a stray version behind.
+
+    Returns:
+        (version, its info if it is already complete, else None).
+    """
+    from ml.registry.versions import is_complete, new_version_id, read_version, version_prefix
+
+    model_name = config.storage.model_name
+    key = f"{run_prefix(config, run_id)}/promotion.json"
+    claim = store.get_json(key) if store.exists(key) else None
+    if claim is not None:
+        version = str(claim["version"])
+        if is_complete(store, model_name, version):
+            if claim.get("challenger") == challenger:
+                info = read_version(store, model_name, version)
+                log.info("promote: reusing version %s, published by an earlier try of this run", version)
+                return version, {"uri": info["uri"], "sha256": info["sha256"],
+                                 "metrics": info["metadata"].get("metrics", {}),
+                                 "labels": info["metadata"].get("labels", [])}
+        else:
+            removed = store.delete_prefix(version_prefix(model_name, version))
+            log.info("promote: deleted %d objects of version %s, left unfinished by an earlier try", removed, version)
+            if claim.get("challenger") == challenger:
+                return version, None
+    version = new_version_id(datetime.now(UTC))
+    store.put_json(key, {"version": version, "challenger": challenger, "claimed_at": datetime.now(UTC).isoformat()})
+    return version, None
 
 
 def _log_promotion(store: ObjectStore, model_name: str, run_id: str, actor: str, current: str | None,

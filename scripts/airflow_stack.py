@@ -297,6 +297,12 @@ class AirflowStack:
         rows = self._query("SELECT state FROM dag_run WHERE dag_id = ? AND run_id = ?", (dag_id, run_id))
         return (rows[0][0] if rows else None) or "queued"
 
+    def run_times(self, run_id: str, dag_id: str = DAG_ID) -> tuple[str | None, str | None]:
+        """(start_date, end_date) of a run as the metadata DB stores them (UTC, sortable text)."""
+        rows = self._query("SELECT start_date, end_date FROM dag_run WHERE dag_id = ? AND run_id = ?",
+                           (dag_id, run_id))
+        return (rows[0][0], rows[0][1]) if rows else (None, None)
+
     def tasks(self, run_id: str, dag_id: str = DAG_ID) -> list[TaskState]:
         rows = self._query("SELECT task_id, map_index, state, try_number, pid FROM task_instance "
                            "WHERE dag_id = ? AND run_id = ? ORDER BY start_date, task_id, map_index",

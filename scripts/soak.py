@@ -17,7 +17,9 @@ through the metadata DB. A seeded RNG picks each run's faults:
 - ``rival_promoter``   another process trains, gates against the same champion and promotes the moment
                        the DAG's `release.promote` starts: one conditional write wins, the other re-gates;
 - ``tampered_model``   right after a promotion, change the new model.keras in the store; a long-lived
-                       `ModelClient` must keep serving its previous model; then the bytes are repaired.
+                       `ModelClient` must keep serving its previous model; then the bytes are repaired;
+- ``double_trigger``   a second run is triggered right behind the first (two people pressing Trigger):
+                       `max_active_runs=1` must queue it until the first ends, and both must succeed.
 
 After every run: the DAG run succeeded; production.json names a COMPLETE version whose files
 match their sha256; every pointer move in the promotion log has its run's gate.json saying
@@ -61,9 +63,9 @@ from scripts.airflow_stack import AirflowStack, TaskState, free_port  # noqa: E4
 
 MODEL = "image-classifier"
 BUCKET = "soak"
-FAULTS = ("store_restart", "train_kill", "cache_corruption", "rival_promoter", "tampered_model")
+FAULTS = ("store_restart", "train_kill", "cache_corruption", "rival_promoter", "tampered_model", "double_trigger")
 FAULT_PROBABILITY = {"store_restart": 0.4, "train_kill": 0.3, "cache_corruption": 0.3, "rival_promoter": 0.3,
-                     "tampered_model": 0.4}
+                     "tampered_model": 0.4, "double_trigger": 0.2}
 # The store is restarted right after one of these succeeded: the next task meets a fresh store.
 RESTART_AFTER = ("data.ingest", "data.validate", "data.should_train", "training.prepare", "training.train[0]",
                  "release.evaluate", "release.gate")
@@ -274,6 +276,7 @@ class Soak:
     # -- one run ---------------------------------------------------------------------------
     def run(self, index: int) -> None:
         from ml.pipeline import safe_run_id
+        from ml.registry.versions import read_pointer
 
         faults = [f for f in FAULTS if self.rng.random() < FAULT_PROBABILITY[f]]
         epochs = KILL_EPOCHS if "train_kill" in faults else self.rng.choice(EPOCHS)
@@ -299,6 +302,8 @@ class Soak:
         conf = {"source": str(self.sample), "candidates": ["scratch_tiny"], "epochs": epochs, "image_size": 32,
                 "finetune_top_k": 0, "force": True}
         self.stack.trigger(conf, run_id)
+        twin = self.stack.trigger({**conf, "epochs": self.rng.choice(EPOCHS)}, run_id + "_twin") \
+            if "double_trigger" in faults else None
 
         pending = {f for f in faults if f in ("store_restart", "train_kill", "rival_promoter")}
         if rival is None:
@@ -340,6 +345,9 @@ class Soak:
                 self.violation(f"rival promoter of {rival.run_id} failed: {err.strip().splitlines()[-3:]}")
             else:
                 log.info("  rival %s: %s", rival.run_id, out.strip().splitlines()[-1])
+        if twin is not None:
+            self.check_twin(run_id, twin)
+            injected.append("double_trigger")
         if "cache_corruption" in injected:
             self.check_cache_rebuilt(run_id)
         if state != "success":
@@ -349,8 +357,10 @@ class Soak:
         retried = [f"{t.label} x{t.try_number}" for t in self.stack.tasks(run_id) if t.try_number > 1]
         entry = self.decision_of(run_id)
         self.outcomes[entry.get("action", "none") if entry else "none"] += 1
-        if entry and entry.get("action") == "promote" and "tampered_model" in faults:
-            self.tamper_and_repair(entry["to"], previous)
+        production, _ = read_pointer(self.store, MODEL)
+        if "tampered_model" in faults and production and production["version"] != previous:
+            # The consumer has not loaded the new production model yet: tamper with it first.
+            self.tamper_and_repair(production["version"], previous)
             injected.append("tampered_model")
         self.check_invariants(started)
         self.faults += injected
@@ -412,6 +422,17 @@ class Soak:
             if serving.version != pointer["version"] or serving.sha256 != pointer["sha256"]:
                 self.violation(f"the consumer serves {serving.version}, production is {pointer['version']}")
         self.check_orphans(run_started)
+
+    def check_twin(self, run_id: str, twin: str) -> None:
+        """The run triggered right behind `run_id` waited for it (max_active_runs=1) and succeeded."""
+        state = self.stack.wait_run(twin, timeout=RUN_TIMEOUT_S)
+        _, first_end = self.stack.run_times(run_id)
+        twin_start, _ = self.stack.run_times(twin)
+        log.info("  fault: twin run %s %s (started %s, first run ended %s)", twin, state, twin_start, first_end)
+        if state != "success":
+            self.violation(f"twin run {twin} ended {state}")
+        if not (first_end and twin_start and twin_start >= first_end):
+            self.violation(f"twin run {twin} started at {twin_start}, before {run_id} ended at {first_end}")
 
     def check_cache_rebuilt(self, run_id: str) -> None:
         """The corrupted cache was detected by `prepare` (before any training) and is whole again."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import sys
@@ -199,7 +200,8 @@ class FaultProxy:
 
     Clients use `endpoint` instead of the store's own. `arm(marker, action, after_bytes)` runs
     `action` (e.g. SIGKILL the store) once, as soon as `after_bytes` bytes of the client's
-    stream have followed `marker` (e.g. ``b"PUT /bucket/model/production.json"``); the
+    stream have followed `marker` (e.g. ``b"PUT /bucket/model/production.json"``, or a compiled
+    bytes regex such as ``re.compile(rb"PUT /\S+/versions/\S+/model\.keras ")``); the
     triggering bytes are not forwarded and the connection is dropped. The fault itself is real
     (the store process dies); the proxy only makes its timing exact. With the store down, new
     connections are accepted and closed, as a dead endpoint behind a load balancer looks.
@@ -209,7 +211,7 @@ class FaultProxy:
         self.upstream_port = upstream_port
         self._server = socket.create_server(("127.0.0.1", 0))
         self.port = self._server.getsockname()[1]
-        self._marker: bytes | None = None
+        self._marker: bytes | re.Pattern[bytes] | None = None
         self._after = 0
         self._action: Callable[[], None] | None = None
         self.fired = threading.Event()
@@ -223,7 +225,7 @@ class FaultProxy:
     def endpoint(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def arm(self, marker: bytes, action: Callable[[], None], *, after_bytes: int = 0) -> None:
+    def arm(self, marker: bytes | re.Pattern[bytes], action: Callable[[], None], *, after_bytes: int = 0) -> None:
         with self._lock:
             self._marker, self._action, self._after = marker, action, after_bytes
             self.fired.clear()
@@ -257,10 +259,10 @@ class FaultProxy:
                     if marker is not None and action is not None and not self.fired.is_set():
                         if not seen:
                             window = tail + chunk
-                            at = window.find(marker)
-                            if at >= 0:
-                                seen, count = True, len(window) - at - len(marker)
-                            tail = window[-len(marker):]
+                            end = _marker_end(window, marker)
+                            if end >= 0:
+                                seen, count = True, len(window) - end
+                            tail = window[-512:]  # a marker split across two reads is still found
                         else:
                             count += len(chunk)
                         if seen and count >= self._after:
@@ -292,6 +294,15 @@ class FaultProxy:
                     sock.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
+
+
+def _marker_end(window: bytes, marker: bytes | re.Pattern[bytes]) -> int:
+    """Index just past the first match of `marker` in `window`, or -1."""
+    if isinstance(marker, bytes):
+        at = window.find(marker)
+        return at + len(marker) if at >= 0 else -1
+    match = marker.search(window)
+    return match.end() if match else -1
 
 
 @pytest.fixture

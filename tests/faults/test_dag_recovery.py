@@ -1,15 +1,17 @@
-"""Fault 2, through Airflow: the object store dies at the pointer swap of a real DAG run.
+"""Fault 2, through Airflow: the object store dies during a real DAG run's promotion.
 
 A DAG run on `airflow standalone` reaches the store through `FaultProxy`, which SIGKILLs the
-SeaweedFS process the moment the `release.promote` task sends its conditional PUT of
-production.json. The task must fail after its own retries with a clear error, production.json
-must be byte-for-byte what the previous run promoted, and once the store is back, clearing the
-run's failed tasks (the UI's "Clear failed", here through the REST API) must finish the
-promotion without any manual cleanup.
+SeaweedFS process the moment the `release.promote` task is 4 KiB into uploading the new
+version's model.keras, or sends its conditional PUT of production.json. The task must fail
+after its own retries with a clear error, production.json must be byte-for-byte what the
+previous run promoted, and once the store is back, clearing the run's failed tasks (the UI's
+"Clear failed", here through the REST API) must finish the promotion without any manual
+cleanup: the version the failed tries started is finished (or reused), not left beside a copy.
 """
 
 from __future__ import annotations
 
+import re
 import time
 
 import pytest
@@ -26,6 +28,10 @@ from tests.faults.conftest import (
 pytestmark = pytest.mark.faults
 
 PROMOTE_TASK = "release.promote"
+KILL_POINTS = {
+    "mid_upload": (re.compile(rb"PUT /[^ ]+/versions/[^/ ]+/model\.keras "), 4096),
+    "pointer_swap": (re.compile(rb"PUT /[^ ]+/production\.json "), 0),
+}
 
 
 def _conf(sample_source) -> dict:
@@ -34,8 +40,9 @@ def _conf(sample_source) -> dict:
 
 
 @pytest.mark.timeout(900)
-def test_store_killed_at_the_dag_pointer_swap_then_clearing_failed_tasks_promotes(own_seaweed, fault_proxy,
-                                                                                   sample_source, tmp_path):
+@pytest.mark.parametrize("kill_at", sorted(KILL_POINTS))
+def test_store_killed_during_dag_promotion_then_clearing_failed_tasks_promotes(kill_at, own_seaweed, fault_proxy,
+                                                                               sample_source, tmp_path):
     from ml.registry.versions import promotion_history, read_pointer
 
     bucket = new_bucket_name()
@@ -53,14 +60,15 @@ def test_store_killed_at_the_dag_pointer_swap_then_clearing_failed_tasks_promote
         champion, _ = read_pointer(direct, MODEL)
         assert before is not None and champion is not None
 
-        fault_proxy.arm(f"PUT /{bucket}/{MODEL}/production.json".encode(), lambda: kill_weed(own_seaweed))
-        run_id = stack.trigger(_conf(sample_source), "faults__store_dies_at_swap")
+        marker, after_bytes = KILL_POINTS[kill_at]
+        fault_proxy.arm(marker, lambda: kill_weed(own_seaweed), after_bytes=after_bytes)
+        run_id = stack.trigger(_conf(sample_source), f"faults__store_dies_{kill_at}")
         first = stack.wait_run(run_id, timeout=600)
         promote = stack.task(run_id, PROMOTE_TASK)
         tries = stack.tries(run_id, PROMOTE_TASK)
         logs = [stack.task_log(run_id, PROMOTE_TASK, try_number=n) for n in range(1, promote.try_number + 1)]
 
-        assert fault_proxy.fired.is_set(), "the store was not killed at the pointer swap"
+        assert fault_proxy.fired.is_set(), f"the store was not killed ({kill_at})"
         assert first == "failed"
         assert (promote.state, promote.try_number) == ("failed", 3), promote  # retries=2 were used up
         assert [state for _, state in tries] == ["failed", "failed"], tries
@@ -83,9 +91,10 @@ def test_store_killed_at_the_dag_pointer_swap_then_clearing_failed_tasks_promote
     assert pointer["version"] != champion["version"]
     moves = [e for e in promotion_history(direct, MODEL) if e["action"] == "promote" and e.get("run_id") == run_id]
     assert len(moves) == 1 and moves[0]["from"] == champion["version"] and moves[0]["to"] == pointer["version"]
-    # No version was left half-written by the killed attempts.
+    # The champion and the new version, both complete: the failed tries left nothing beside them.
     keys = direct.list_keys(f"{MODEL}/versions/")
     versions = {k.split("/")[2] for k in keys}
+    assert versions == {champion["version"], pointer["version"]}, sorted(keys)
     assert all(f"{MODEL}/versions/{v}/COMPLETE" in keys for v in versions), sorted(keys)
     print(f"cleared {cleared}; promoted {pointer['version']} over {champion['version']} "
           f"({time.strftime('%H:%M:%S')})")

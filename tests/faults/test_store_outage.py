@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import threading
 import time
 
@@ -30,6 +31,8 @@ from tests.faults.conftest import (
 
 pytestmark = pytest.mark.faults
 
+# The request line of a version's model.keras upload, whatever the version id.
+VERSION_MODEL_PUT = re.compile(rb"PUT /[^ ]+/versions/[^/ ]+/model\.keras ")
 BIG_BYTES = 48 * 1024 * 1024  # big enough that the kill lands mid-body (killed after 8 MiB arrived)
 
 
@@ -131,7 +134,61 @@ def test_store_killed_at_pointer_swap_then_promote_stage_rerun_finishes(own_seaw
     promotes = [e for e in promotion_history(direct, MODEL)
                 if e["action"] == "promote" and e.get("run_id") == "run-1"]
     assert len(promotes) == 1 and promotes[0]["from"] == "v0-champion"
+    # The re-run reused the version the failed try had published: no stray copy is left behind.
+    assert _versions(direct) == {"v0-champion": True, result["version"]: True}
     print(f"store killed at the swap: StorageError {gave_up_after:.2f} s after the kill")
+
+
+def _versions(store) -> dict[str, bool]:
+    """Every version folder in the store -> whether it is COMPLETE."""
+    keys = store.list_keys(f"{MODEL}/versions/")
+    return {v: f"{MODEL}/versions/{v}/COMPLETE" in keys for v in {k.split("/")[2] for k in keys}}
+
+
+def test_store_killed_mid_version_upload_then_promote_stage_rerun_republishes_same_version(
+        own_seaweed, fault_proxy, gated_run):
+    from ml.pipeline import promote_stage
+
+    config, bucket, direct = gated_run["config"], gated_run["bucket"], gated_run["store"]
+    before = direct.get_with_etag(f"{MODEL}/production.json")
+    via_proxy = store_for(own_seaweed, bucket, endpoint=fault_proxy.endpoint, create=False)
+    fault_proxy.arm(VERSION_MODEL_PUT, lambda: kill_weed(own_seaweed), after_bytes=4096)
+    args = (gated_run["dataset"], gated_run["evaluation"], gated_run["decision"], config)
+
+    with pytest.raises(StorageError):
+        promote_stage(*args, via_proxy, "run-1")
+    own_seaweed.restart()
+    unfinished = [v for v, complete in _versions(direct).items() if not complete]
+
+    assert fault_proxy.fired.is_set(), "the store was not killed during the version upload"
+    assert direct.get_with_etag(f"{MODEL}/production.json") == before, "production.json changed"
+    assert len(unfinished) == 1, _versions(direct)
+
+    result = promote_stage(*args, direct, "run-1")
+
+    assert result["promoted"] is True and result["version"] == unfinished[0]
+    assert _versions(direct) == {"v0-champion": True, unfinished[0]: True}
+    assert_pointer_verifiable(direct)
+
+
+def test_promote_stage_rerun_after_it_already_promoted_changes_nothing(gated_run):
+    """A retry of a promote task whose first try swapped the pointer (and logged) but died before
+    reporting success: same version, one log entry, pointer untouched."""
+    from ml.pipeline import promote_stage
+    from ml.registry.versions import promotion_history
+
+    config, direct = gated_run["config"], gated_run["store"]
+    args = (gated_run["dataset"], gated_run["evaluation"], gated_run["decision"], config, direct, "run-1")
+    first = promote_stage(*args)
+    pointer_after_first = direct.get_with_etag(f"{MODEL}/production.json")
+
+    again = promote_stage(*args)
+
+    assert first["promoted"] and again["promoted"] and again["version"] == first["version"]
+    assert direct.get_with_etag(f"{MODEL}/production.json") == pointer_after_first
+    promotes = [e for e in promotion_history(direct, MODEL) if e["action"] == "promote" and e.get("run_id") == "run-1"]
+    assert len(promotes) == 1, promotes
+    assert _versions(direct) == {"v0-champion": True, first["version"]: True}
 
 
 def test_store_restarted_between_stages_next_stage_reconnects(own_seaweed, sample_source, tmp_path):
