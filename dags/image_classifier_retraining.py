@@ -65,25 +65,29 @@ DEFAULT_ARGS: dict[str, Any] = {
     "execution_timeout": timedelta(hours=1),
 }
 
+# Empty (null) params keep the deployment's config file (config/pipeline.yaml or ML_CONFIG), so
+# scheduled runs do what the file says; a value set in the trigger form overrides it for one run.
 PARAMS = {
     "source": Param("", type="string", title="Dataset source",
                     description="kaggle:competitions/<slug>, kaggle:datasets/<owner>/<slug>, s3://bucket/prefix, "
-                                "a .zip or a folder. Empty: data.source from config/pipeline.yaml."),
-    "candidates": Param(["scratch_small", "transfer_mobilenet_v2"], type="array", title="Candidates",
-                        description="Models to train in parallel, one task each.",
+                                "a .zip or a folder. Empty: data.source from the config file."),
+    "candidates": Param(None, type=["null", "array"], title="Candidates",
+                        description="Models to train in parallel, one task each. Empty: train.candidates.",
                         examples=candidate_names(), items={"type": "string", "enum": candidate_names()},
                         minItems=1),
-    "epochs": Param(8, type="integer", minimum=1, maximum=200, title="Epochs",
-                    description="Maximum epochs per candidate (early stopping may end sooner)."),
-    "image_size": Param(96, type="integer", minimum=32, maximum=600, title="Image size (px)",
-                        description="Square input size for every candidate."),
-    "weights": Param("none", type="string", title="Backbone weights",
+    "epochs": Param(None, type=["null", "integer"], minimum=1, maximum=200, title="Epochs",
+                    description="Maximum epochs per candidate (early stopping may end sooner). Empty: train.epochs."),
+    "image_size": Param(None, type=["null", "integer"], minimum=32, maximum=600, title="Image size (px)",
+                        description="Square input size for every candidate. Empty: train.image_size."),
+    "weights": Param(None, type=["null", "string"], title="Backbone weights",
                      description="imagenet (Keras cache; pre-stage it on air-gapped workers), none, "
-                                 "a weights file path or an s3:// URI."),
-    "finetune_top_k": Param(1, type="integer", minimum=0, maximum=10, title="Fine-tune top k",
-                            description="How many of the best transfer candidates to fine-tune."),
-    "min_delta": Param(0.01, type="number", minimum=0, maximum=1, title="Minimum improvement",
-                       description="A challenger must beat production by this much on the gate metric."),
+                                 "a weights file path or an s3:// URI. Empty: train.weights."),
+    "finetune_top_k": Param(None, type=["null", "integer"], minimum=0, maximum=10, title="Fine-tune top k",
+                            description="How many of the best transfer candidates to fine-tune. "
+                                        "Empty: train.finetune_top_k."),
+    "min_delta": Param(None, type=["null", "number"], minimum=0, maximum=1, title="Minimum improvement",
+                       description="A challenger must beat production by this much on the gate metric. "
+                                   "Empty: gate.min_delta."),
     "force": Param(False, type="boolean", title="Force",
                    description="Train even if production saw this exact dataset; promote if floors pass."),
     "allow_label_change": Param(False, type="boolean", title="Allow a different label set",

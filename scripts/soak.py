@@ -5,7 +5,7 @@
 Everything runs on the embedded defaults, as `make demo` does: a private SeaweedFS (`weed
 mini`) on loopback and `airflow standalone` (scheduler, dag-processor, triggerer, api-server;
 LocalExecutor, SQLite) on free ports under one temporary folder, a generated 3-class sample,
-scratch_tiny at 32 px. Each run is a real DAG run, triggered like a user would and watched
+scratch_tiny at 48 px. Each run is a real DAG run, triggered like a user would and watched
 through the metadata DB. A seeded RNG picks each run's faults:
 
 - ``store_restart``    SIGKILL the object store right after a random task succeeded, restart it on
@@ -69,7 +69,8 @@ FAULT_PROBABILITY = {"store_restart": 0.4, "train_kill": 0.3, "cache_corruption"
 # The store is restarted right after one of these succeeded: the next task meets a fresh store.
 RESTART_AFTER = ("data.ingest", "data.validate", "data.should_train", "training.prepare", "training.train[0]",
                  "release.evaluate", "release.gate")
-EPOCHS = (2, 3, 4)  # drawn per run: models of varying quality, so the gate decides both ways
+EPOCHS = (3, 8, 15)  # drawn per run: models of varying quality, so the gate decides both ways
+IMAGE_SIZE = 48  # at 32 px scratch_tiny stays near chance on the sample (0.29-0.35 on 3 classes)
 KILL_EPOCHS = 25  # a run whose training gets killed trains longer, so the kill lands mid-training
 TRAIN_TASK = "training.train[0]"
 RUN_TIMEOUT_S = 1200
@@ -85,7 +86,8 @@ PIPELINE_YAML = {
     # A high learning rate: scratch_tiny learns the sample within a few epochs of 3 steps.
     "train": {"learning_rate": 0.01, "early_stopping_patience": 1000},
     # force (in the conf): retrain on the same sample every run; the gate still decides on the numbers.
-    "gate": {"min_gain_over_chance": 0.0, "min_delta": 0.0},
+    # log_loss: a continuous metric, so challengers win or lose (test accuracy on 17 images ties often).
+    "gate": {"metric": "log_loss", "min_gain_over_chance": 0.0, "min_delta": 0.0},
 }
 
 log = logging.getLogger("soak")
@@ -245,8 +247,8 @@ class Soak:
             **PIPELINE_YAML, "work_dir": str(self.root / "rival-work"),
             "storage": {"bucket": BUCKET, "model_name": MODEL, "endpoint_url": self.server.endpoint_url},
             "data": {**PIPELINE_YAML["data"], "source": str(self.sample)},
-            "train": {**PIPELINE_YAML["train"], "candidates": ["scratch_tiny"], "epochs": epochs, "image_size": 32,
-                      "finetune_top_k": 0},
+            "train": {**PIPELINE_YAML["train"], "candidates": ["scratch_tiny"], "epochs": epochs,
+                      "image_size": IMAGE_SIZE, "finetune_top_k": 0},
             "gate": {**PIPELINE_YAML["gate"], "force": True},
         })
         env = {**os.environ, "PYTHONPATH": str(REPO), "AWS_ACCESS_KEY_ID": self.server.access_key,
@@ -299,7 +301,7 @@ class Soak:
             self.violation(f"rival {rival.run_id} never got to its gate: {rival.finish()[2].strip()[-500:]}")
             rival = None
         previous = self.client.current.version if self.client.current else None
-        conf = {"source": str(self.sample), "candidates": ["scratch_tiny"], "epochs": epochs, "image_size": 32,
+        conf = {"source": str(self.sample), "candidates": ["scratch_tiny"], "epochs": epochs, "image_size": IMAGE_SIZE,
                 "finetune_top_k": 0, "force": True}
         self.stack.trigger(conf, run_id)
         twin = self.stack.trigger({**conf, "epochs": self.rng.choice(EPOCHS)}, run_id + "_twin") \
@@ -369,9 +371,10 @@ class Soak:
         keras.backend.clear_session()
         gc.collect()
         self.rss.append(self.sample_rss())
-        log.info("run %d %s: %s in %.0f s, faults %s, retried %s, gate %s -> production %s; RSS MB %s", index, run_id,
-                 state, time.monotonic() - clock, injected or "none", retried or "none",
-                 entry.get("action") if entry else "none", self.client.current.version if self.client.current else None,
+        log.info("run %d %s: %s in %.0f s, faults %s, retried %s, gate %s (%s) -> production %s; RSS MB %s", index,
+                 run_id, state, time.monotonic() - clock, injected or "none", retried or "none",
+                 entry.get("action") if entry else "none", (entry or {}).get("reasons", ["-"])[0],
+                 self.client.current.version if self.client.current else None,
                  {k: round(v) for k, v in self.rss[-1].items()})
 
     def decision_of(self, run_id: str) -> dict[str, Any] | None:

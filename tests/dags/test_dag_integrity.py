@@ -72,6 +72,16 @@ def test_params_reject_bad_values(dagbag):
             trial.validate()
 
 
+def test_default_params_leave_the_config_file_in_charge(dagbag):
+    """A scheduled run (all params at their defaults) must do what config/pipeline.yaml says, not
+    what the DAG file's defaults happen to be; only the per-run switches have a value."""
+    from ml.config import overrides_from_params
+
+    defaults = dagbag.dags[DAG_ID].params.dump()
+
+    assert overrides_from_params(defaults) == {"gate": {"force": False, "allow_label_change": False}}
+
+
 def test_dag_file_parses_fast_without_heavy_imports():
     # Airflow itself is imported first: what we measure is what the DAG file adds.
     code = f"""
