@@ -79,15 +79,15 @@ class StackError(RuntimeError):
 class AirflowStack:
     """`airflow standalone` (LocalExecutor, SQLite) wired to a SeaweedFS server, under `root`."""
 
-    def __init__(self, root: Path, server: SeaweedServer, *, api_port: int = 8080, bucket: str = BUCKET,
+    def __init__(self, root: Path, server: SeaweedServer | None, *, api_port: int = 8080, bucket: str = BUCKET,
                  parallelism: int = 4, extra_env: Mapping[str, str] | None = None,
                  endpoint_url: str | None = None) -> None:
         self.root = Path(root)
         self.home = self.root / "airflow"
         self.work_dir = self.root / "work"
-        self.server = server
+        self.server = server  # None: only to look at or stop a stack started earlier
         # What tasks connect to: the server itself, or e.g. a fault-injecting proxy in front of it.
-        self.endpoint_url = endpoint_url or server.endpoint_url
+        self.endpoint_url = endpoint_url or (server.endpoint_url if server is not None else None)
         self._token: str | None = None
         self.api_port = api_port
         self.bucket = bucket
@@ -105,6 +105,8 @@ class AirflowStack:
     # -- environment and one-off commands ------------------------------------------------------
     def env(self) -> dict[str, str]:
         """Environment of every airflow process of the stack: home, DAGs, executor, connection."""
+        if self.server is None:
+            raise StackError("this stack was opened without its object store: it can be stopped, not run")
         conn = {"conn_type": "aws", "login": self.server.access_key, "password": self.server.secret_key,
                 "extra": {"endpoint_url": self.endpoint_url, "region_name": "us-east-1"}}
         # Nothing of the caller's Airflow or AWS settings leaks in (a test session may have its own home).

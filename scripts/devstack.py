@@ -76,7 +76,7 @@ def demo_store(server: SeaweedServer):
                        secret_key=server.secret_key)
 
 
-def demo_stack(server: SeaweedServer) -> AirflowStack:
+def demo_stack(server: SeaweedServer | None) -> AirflowStack:
     """The demo's Airflow: home .demo/airflow, work dir .demo/work, API on API_PORT."""
     return AirflowStack(DEMO, server, api_port=API_PORT, bucket=BUCKET)
 
@@ -199,23 +199,25 @@ def stop_standalone(stack: AirflowStack) -> None:
         say(f"airflow standalone (process group {pid}) stopped")
 
 
+def _recorded_store() -> SeaweedServer | None:
+    """The demo's SeaweedFS as its state.json records it (None before the first start)."""
+    return SeaweedServer.from_state(SEAWEED_DIR) if (SEAWEED_DIR / "state.json").exists() else None
+
+
 def cmd_down(args: argparse.Namespace) -> int:
-    if (SEAWEED_DIR / "state.json").exists():
-        server = SeaweedServer.from_state(SEAWEED_DIR)
-        stop_standalone(demo_stack(server))
-        if server.is_running():
-            server.stop()
-            say("object store stopped")
+    server = _recorded_store()
+    stop_standalone(demo_stack(server))
+    if server is not None and server.is_running():
+        server.stop()
+        say("object store stopped")
     return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    if (SEAWEED_DIR / "state.json").exists():
-        server = SeaweedServer.from_state(SEAWEED_DIR)
-        say(f"airflow standalone: {'running' if demo_stack(server).running() else 'stopped'}")
-        say(f"object store: {'running at ' + str(server.endpoint_url) if server.is_running() else 'stopped'}")
-    else:
-        say("airflow standalone and object store: never started")
+    server = _recorded_store()
+    say(f"airflow standalone: {'running' if demo_stack(server).running() else 'stopped'}")
+    running = server is not None and server.is_running()
+    say(f"object store: {'running at ' + str(server.endpoint_url) if running else 'stopped'}")
     return 0
 
 
