@@ -37,7 +37,6 @@ if TYPE_CHECKING:
 REPO = Path(__file__).resolve().parent.parent
 DAG_ID = "image_classifier_retraining"
 BUCKET = "ml-models"
-MODEL_NAME = "image-classifier"
 FINAL_RUN_STATES = ("success", "failed")
 
 

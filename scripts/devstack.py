@@ -23,17 +23,15 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from ml.registry.seaweed import SeaweedServer  # noqa: E402
-from scripts.airflow_stack import AirflowStack, StackError, TaskState  # noqa: E402
+from scripts.airflow_stack import BUCKET, DAG_ID, AirflowStack, StackError, TaskState  # noqa: E402
 
 DEMO = REPO / ".demo"
 SEAWEED_DIR = DEMO / "seaweed"
 AIRFLOW_HOME = DEMO / "airflow"
 WORK_DIR = DEMO / "work"
 SAMPLE_DIR = DEMO / "data" / "sample"
-DAG_ID = "image_classifier_retraining"
 API_PORT = int(os.environ.get("ML_DEMO_AIRFLOW_PORT", "8080"))
 RUN_TIMEOUT_S = 1800
-BUCKET = "ml-models"
 MODEL_NAME = "image-classifier"
 
 # Sized so the whole demo (two candidates + one fine-tune) takes a few minutes on 2 cores.
@@ -44,10 +42,6 @@ DEMO_PARAMS = {"epochs": 15, "image_size": 64, "candidates": ["scratch_small", "
 
 def say(message: str) -> None:
     print(f"[demo] {message}", flush=True)
-
-
-def venv_bin() -> Path:
-    return Path(sys.executable).parent
 
 
 def start_store() -> SeaweedServer:

@@ -56,6 +56,13 @@ def _history_rows(cand_dir) -> int:
     return rows
 
 
+def _assert_nothing_complete(store, prefix: str, cand_dir) -> None:
+    assert store.list_keys(prefix) == [], "a killed attempt published objects"
+    leftovers = sorted(p.name for p in cand_dir.iterdir())
+    assert not set(FINAL_NAMES) & set(leftovers), f"final-named files after the kill: {leftovers}"
+    assert any(name.startswith(".staging-") for name in leftovers), "the kill did not land mid-training"
+
+
 def test_training_killed_mid_epoch_leaves_nothing_complete_and_retry_publishes(own_seaweed, sample_source,
                                                                                tmp_path):
     from ml.pipeline import ensure_candidate_local, ingest_stage, local_run_dir, prepare_stage, run_prefix
@@ -84,10 +91,7 @@ def test_training_killed_mid_epoch_leaves_nothing_complete_and_retry_publishes(o
 
     assert proc.returncode == -signal.SIGKILL, f"ended by itself: {proc.stdout.read().decode()[-2000:]}"
     assert 2 <= epochs_done < EPOCHS
-    assert store.list_keys(prefix) == [], "a killed attempt published objects"
-    leftovers = sorted(p.name for p in cand_dir.iterdir())
-    assert not set(FINAL_NAMES) & set(leftovers), f"final-named files after the kill: {leftovers}"
-    assert any(name.startswith(".staging-") for name in leftovers), "the kill did not land mid-training"
+    _assert_nothing_complete(store, prefix, cand_dir)
 
     retry = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
 
@@ -106,13 +110,6 @@ def test_training_killed_mid_epoch_leaves_nothing_complete_and_retry_publishes(o
 
 AIRFLOW_EPOCHS = 40  # scratch_tiny on the sample: ~0.3 s an epoch, so the kill lands well before the end
 TRAIN_TASK = "training.train"
-
-
-def _assert_nothing_complete(store, prefix: str, cand_dir) -> None:
-    assert store.list_keys(prefix) == [], "a killed attempt published objects"
-    leftovers = sorted(p.name for p in cand_dir.iterdir())
-    assert not set(FINAL_NAMES) & set(leftovers), f"final-named files after the kill: {leftovers}"
-    assert any(name.startswith(".staging-") for name in leftovers), "the kill did not land mid-training"
 
 
 @pytest.mark.timeout(900)

@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from scripts.airflow_stack import free_port  # noqa: F401 - re-exported for the services tests
+
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = REPO / "docker" / "docker-compose.yaml"
 VENV_BIN = Path(sys.executable).parent
@@ -41,13 +43,6 @@ def tcp_reachable(host: str, port: int, timeout: float = 2.0) -> str | None:
             return None
     except OSError as exc:
         return f"{host}:{port} is unreachable ({exc})"
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now (the OS picks it)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 # --------------------------------------------------------------------------- docker-compose.yaml
