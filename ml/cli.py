@@ -52,6 +52,42 @@ def open_store(config: PipelineConfig) -> ObjectStore:
     return ObjectStore.from_config(config.storage)
 
 
+def _arg(check):
+    """An argparse `type=` from a layout check: a bad value is a usage error naming the rule (exit 2)."""
+    from ml.errors import UnsafeNameError
+
+    def parse(value: str) -> str:
+        try:
+            return check(value)
+        except UnsafeNameError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    parse.__name__ = check.__name__.removeprefix("check_").replace("_", " ")
+    return parse
+
+
+def _run_id_arg(value: str) -> str:
+    from ml.registry.layout import check_run_id
+
+    return _arg(check_run_id)(value)
+
+
+def _version_arg(value: str) -> str:
+    from ml.registry.layout import check_version
+
+    return _arg(check_version)(value)
+
+
+def _candidate_arg(value: str) -> str:
+    from ml.errors import UnknownArchitectureError
+    from ml.registry.layout import check_candidate
+
+    try:
+        return _arg(check_candidate)(value)
+    except UnknownArchitectureError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 # --------------------------------------------------------------------------- commands
 
 
@@ -102,11 +138,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from ml.pipeline import evaluate_stage, local_run_dir
+    from ml.registry.layout import check_candidate
 
     config = _config(args)
     results = []
     for cand_dir in map(Path, args.candidate_dirs):
         summary = json.loads((cand_dir / "train_summary.json").read_text())
+        check_candidate(summary.get("candidate"))  # it names a folder below
         # Evaluate in place: the run folder links to the candidate folder, where metrics and plots go.
         link = local_run_dir(config, args.run_id) / summary["candidate"]
         if link.resolve() != cand_dir.resolve():
@@ -231,6 +269,7 @@ def cmd_retention(args: argparse.Namespace) -> int:
 
 
 def _predictor(model: str, config: PipelineConfig):
+    from ml.registry.layout import check_version
     from ml.serving.predictor import load_local, load_production, load_version
 
     cache_dir = config.work_dir / "models"
@@ -239,7 +278,8 @@ def _predictor(model: str, config: PipelineConfig):
     store = open_store(config)
     if model == "production":
         return load_production(store, config.storage.model_name, cache_dir=cache_dir)
-    return load_version(store, config.storage.model_name, model, cache_dir=cache_dir)
+    # Not a file here: a version id, checked before it names a cache folder or a key.
+    return load_version(store, config.storage.model_name, check_version(model), cache_dir=cache_dir)
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -297,7 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train one candidate into a folder")
     p.add_argument("--dataset", required=True)
-    p.add_argument("--candidate", required=True, help="e.g. scratch_small, transfer_mobilenet_v2")
+    p.add_argument("--candidate", required=True, type=_candidate_arg, help="e.g. scratch_small, transfer_mobilenet_v2")
     p.add_argument("--out", required=True)
     p.add_argument("--epochs", type=int)
     p.add_argument("--image-size", type=int)
@@ -306,14 +346,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="score trained candidate folders on the test split; leaderboard")
     p.add_argument("--dataset", required=True)
-    p.add_argument("--run-id", default="manual")
+    p.add_argument("--run-id", default="manual", type=_run_id_arg)
     p.add_argument("candidate_dirs", nargs="+", metavar="CANDIDATE_DIR")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("promote", help="gate an evaluated run's best candidate against production; promote")
     p.add_argument("--dataset", required=True)
-    p.add_argument("--run-id", default="manual")
-    p.add_argument("--candidate", help="default: the leaderboard's best")
+    p.add_argument("--run-id", default="manual", type=_run_id_arg)
+    p.add_argument("--candidate", type=_candidate_arg, help="default: the leaderboard's best")
     p.add_argument("--min-delta", type=float)
     p.add_argument("--force", action="store_true", default=None)
     p.set_defaults(func=cmd_promote)
@@ -326,7 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights")
     p.add_argument("--min-delta", type=float)
     p.add_argument("--force", action="store_true", default=None)
-    p.add_argument("--run-id")
+    p.add_argument("--run-id", type=_run_id_arg)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("versions", help="list versions, production and the promotion log")
@@ -335,7 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_versions)
 
     p = sub.add_parser("rollback", help="point production back at an earlier version (conditional write)")
-    p.add_argument("--to", required=True, metavar="VERSION")
+    p.add_argument("--to", required=True, metavar="VERSION", type=_version_arg)
     p.add_argument("--reason", default="manual rollback")
     p.set_defaults(func=cmd_rollback)
 

@@ -32,6 +32,18 @@ def _require(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def _check_registry_name(name: object, setting: str) -> None:
+    """A candidate name must be one the registry knows *before* anything is named after it
+    (a folder, a store prefix): ``scratch_a/../../victim`` is refused here, not after a delete."""
+    from ml.errors import UnknownArchitectureError, UnsafeNameError
+    from ml.registry.layout import check_candidate
+
+    try:
+        check_candidate(name)
+    except (UnknownArchitectureError, UnsafeNameError) as exc:
+        raise ConfigError(f"{setting}: {exc}") from None
+
+
 @dataclass(frozen=True)
 class StorageConfig:
     """Where models and run artifacts are published (any S3-compatible store)."""
@@ -122,8 +134,11 @@ class TrainConfig:
         _require(len(cands) > 0, "train.candidates must name at least one candidate")
         _require(len(set(cands)) == len(cands), f"train.candidates has duplicates: {list(cands)}")
         for name in cands:
-            _require(name.startswith(("scratch_", "transfer_")),
+            _require(isinstance(name, str) and name.startswith(("scratch_", "transfer_")),
                      f"candidate {name!r} must start with 'scratch_' or 'transfer_'")
+            _check_registry_name(name, "train.candidates")
+        for name in self.candidate_options:
+            _check_registry_name(name, "train.candidate_options")
         _require(1 <= self.epochs <= 1000, f"train.epochs must be in [1, 1000], got {self.epochs}")
         _require(32 <= self.image_size <= 600,
                  f"train.image_size must be in [32, 600] pixels, got {self.image_size}")
@@ -176,6 +191,71 @@ class GateConfig:
 
 
 @dataclass(frozen=True)
+class SecurityConfig:
+    """What a run may read when someone triggers it with parameters (see docs/security.md).
+
+    Whoever can trigger the DAG chooses ``source`` and ``weights``, and the worker reads them with
+    its own permissions: any folder, bucket or Kaggle dataset it can reach. A deployment that lets
+    more people trigger than it trusts with the worker's reach lists what is allowed here.
+    `None` allows anything (the default, for one-machine use).
+
+    Attributes:
+        allowed_sources: Prefixes a dataset source must start with, e.g. ``["s3://ml-data/",
+            "kaggle:competitions/", "/data/datasets/"]``. Local paths are compared after resolving
+            ``..`` and symlinks, so ``/data/datasets/../../etc`` does not pass.
+        allowed_weights: Allowed ``train.weights`` values: exact names (``imagenet``, ``none``) or
+            prefixes of files and ``s3://`` URIs.
+    """
+
+    allowed_sources: tuple[str, ...] | None = None
+    allowed_weights: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("allowed_sources", "allowed_weights"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            _require(not isinstance(value, str) and all(isinstance(v, str) and v.strip() for v in value),
+                     f"security.{name} must be a list of non-empty strings or null, got {value!r}")
+            object.__setattr__(self, name, tuple(v.strip() for v in value))
+
+    def check_source(self, source: str) -> None:
+        """ConfigError unless `source` is allowed by `allowed_sources`."""
+        if self.allowed_sources is None:
+            return
+        if _allowed(source, self.allowed_sources):
+            return
+        raise ConfigError(f"data source {source!r} is not allowed by security.allowed_sources "
+                          f"{list(self.allowed_sources)}")
+
+    def check_weights(self, weights: str) -> None:
+        """ConfigError unless `weights` is allowed by `allowed_weights`."""
+        if self.allowed_weights is None:
+            return
+        value = weights.strip()
+        if value.lower() in {w.lower() for w in self.allowed_weights} or _allowed(value, self.allowed_weights):
+            return
+        raise ConfigError(f"train.weights {weights!r} is not allowed by security.allowed_weights "
+                          f"{list(self.allowed_weights)}")
+
+
+def _allowed(value: str, prefixes: tuple[str, ...]) -> bool:
+    """Whether `value` starts with one of `prefixes`; local paths are resolved first (``..``, links)."""
+    text = value.strip()
+    if "://" in text or text.startswith("kaggle:"):
+        # URIs are compared as written, but a '..' segment could climb out of an allowed prefix.
+        return ".." not in text.split("/") and any(text.startswith(p) for p in prefixes)
+    resolved = os.path.realpath(os.path.expanduser(text))
+    for prefix in prefixes:
+        if "://" in prefix or prefix.startswith("kaggle:"):
+            continue
+        root = os.path.realpath(os.path.expanduser(prefix))
+        if resolved == root or resolved.startswith(root.rstrip(os.sep) + os.sep):
+            return True
+    return False
+
+
+@dataclass(frozen=True)
 class PipelineConfig:
     """Everything one pipeline run needs, validated."""
 
@@ -183,12 +263,21 @@ class PipelineConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     gate: GateConfig = field(default_factory=GateConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
     work_dir: Path = field(default_factory=lambda: Path(os.environ.get("ML_WORK_DIR", REPO_ROOT / ".work")))
+
+    def __post_init__(self) -> None:
+        # Checked where the values are read: a trigger param can never build a config that reads
+        # outside what the deployment allows (docs/security.md).
+        if self.data.source:
+            self.security.check_source(self.data.source)
+        self.security.check_weights(self.train.weights)
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> PipelineConfig:
         """Build from a nested mapping ({'storage': {...}, 'train': {...}, ...})."""
-        sections = {"storage": StorageConfig, "data": DataConfig, "train": TrainConfig, "gate": GateConfig}
+        sections = {"storage": StorageConfig, "data": DataConfig, "train": TrainConfig, "gate": GateConfig,
+                    "security": SecurityConfig}
         unknown = set(raw) - set(sections) - {"work_dir"}
         _require(not unknown, f"unknown config sections {sorted(unknown)}; allowed: {sorted(sections)} and work_dir")
         kwargs: dict[str, Any] = {}

@@ -19,6 +19,11 @@ class UnsafeArchiveError(DataError):
     """An archive entry would escape the destination, is a link/special file, or is a bomb."""
 
 
+class UnsafeNameError(DataError):
+    """A name that becomes part of a store key or a local path (run id, version, candidate, file) is
+    not a plain, safe segment; raised where the name is read: config, command line or store listing."""
+
+
 class DataQualityError(DataError):
     """The data-quality suite failed; `failures` lists the failed expectations."""
 

@@ -39,17 +39,17 @@ EVAL_FILES = ("metrics.json", "confusion.png", "confusion.csv", "curves.png", "p
 
 
 def run_prefix(config: PipelineConfig, run_id: str) -> str:
-    """Store prefix of one run's artifacts."""
-    return f"{config.storage.model_name}/runs/{safe_run_id(run_id)}"
+    """Store prefix of one run's artifacts (`ml.registry.layout.run_prefix`)."""
+    from ml.registry.layout import run_prefix as layout_run_prefix
 
-
-def safe_run_id(run_id: str) -> str:
-    """Airflow run ids hold ':' and '+'; keep keys and folder names portable."""
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in run_id)
+    return layout_run_prefix(config.storage.model_name, run_id)
 
 
 def local_run_dir(config: PipelineConfig, run_id: str) -> Path:
-    return config.work_dir / "runs" / safe_run_id(run_id)
+    """This worker's folder of a run: the same reversible segment as the store's prefix."""
+    from ml.registry.layout import run_segment
+
+    return config.work_dir / "runs" / run_segment(run_id)
 
 
 def cache_root(config: PipelineConfig) -> Path:
@@ -72,6 +72,7 @@ def ingest_stage(config: PipelineConfig, store: ObjectStore | None, *, source: s
     src = source or config.data.source
     if not src:
         raise DataError("no dataset source given: set data.source in the config or pass a source")
+    config.security.check_source(src)
     started = time.perf_counter()
     summary = ingest(src, config.work_dir, config.data, store=store, kaggle_credentials=kaggle_credentials)
     log.info("ingest: %s -> dataset %s: %d images ok, %d quarantined, %d classes (%.1f s)",
@@ -174,8 +175,10 @@ def prepare_stage(dataset_dir: str | Path, config: PipelineConfig) -> dict[str, 
 def train_stage(dataset_dir: str | Path, candidate: str, config: PipelineConfig, store: ObjectStore | None,
                 run_id: str) -> dict[str, Any]:
     """Train one candidate and publish its folder; reuse a previous attempt's published result."""
+    from ml.registry.layout import check_candidate
     from ml.training.fit import train_candidate
 
+    check_candidate(candidate)  # before any folder named after it is touched
     published = _published_summary(store, config, run_id, candidate)
     if published is not None:
         log.info("train %s: already published by an earlier attempt, reusing it", candidate)
@@ -198,9 +201,11 @@ def select_for_finetuning(results: Sequence[Mapping[str, Any]], config: Pipeline
 def finetune_stage(dataset_dir: str | Path, transfer_candidate: str, config: PipelineConfig,
                    store: ObjectStore | None, run_id: str) -> dict[str, Any]:
     """Fine-tune a trained transfer candidate (unfreeze from its boundary layer) and publish it."""
+    from ml.registry.layout import check_candidate
     from ml.training.finetune import finetune_candidate
 
-    candidate = "finetune_" + transfer_candidate.removeprefix("transfer_")
+    check_candidate(transfer_candidate)
+    candidate = check_candidate("finetune_" + transfer_candidate.removeprefix("transfer_"))
     published = _published_summary(store, config, run_id, candidate)
     if published is not None:
         log.info("finetune %s: already published by an earlier attempt, reusing it", candidate)
@@ -609,8 +614,14 @@ def write_run_report(dataset: Mapping[str, Any], evaluation: Mapping[str, Any], 
 
 
 def ensure_candidate_local(store: ObjectStore | None, config: PipelineConfig, run_id: str, candidate: str) -> Path:
-    """The candidate's folder on this worker, downloaded from the store when missing."""
-    local = local_run_dir(config, run_id) / candidate
+    """The candidate's folder on this worker, downloaded from the store when missing.
+
+    Every key listed under the candidate's prefix is checked before anything is written: a
+    crafted key (``../x``, an absolute path, a hidden name) raises UnsafeNameError.
+    """
+    from ml.registry.layout import check_candidate, check_relative_path
+
+    local = local_run_dir(config, run_id) / check_candidate(candidate)
     if (local / CANDIDATE_MARKER).exists():
         return local
     if store is None:
@@ -619,10 +630,13 @@ def ensure_candidate_local(store: ObjectStore | None, config: PipelineConfig, ru
     keys = store.list_keys(prefix)
     if prefix + CANDIDATE_MARKER not in keys:
         raise DataError(f"candidate {candidate!r} was not published for run {run_id} (no {prefix}{CANDIDATE_MARKER})")
+    wanted = []
     for key in keys:
         rel = key[len(prefix):]
         if rel and not rel.startswith("tensorboard/"):
-            store.download_file(key, local / rel)
+            wanted.append((key, check_relative_path(rel, f"file of candidate {candidate}")))
+    for key, rel in wanted:
+        store.download_file(key, local.joinpath(*rel.parts))
     return local
 
 
@@ -631,10 +645,19 @@ def published_candidates(config: PipelineConfig, store: ObjectStore | None, run_
     if store is None:
         base = local_run_dir(config, run_id)
         return [json.loads(p.read_text()) for p in sorted(base.glob(f"*/{CANDIDATE_MARKER}"))]
+    from ml.registry.layout import check_candidate
+
     prefix = f"{run_prefix(config, run_id)}/"
     keys = sorted(k for k in store.list_keys(prefix) if k.count("/") == prefix.count("/") + 1
                   and k.endswith("/" + CANDIDATE_MARKER))
-    return [store.get_json(k) for k in keys]
+    summaries = []
+    for key in keys:
+        summary = store.get_json(key)
+        name = key[len(prefix):].split("/", 1)[0]
+        if not isinstance(summary, dict) or summary.get("candidate") != check_candidate(name):
+            raise DataError(f"{store.uri(key)} does not describe candidate {name!r}: refusing to evaluate it")
+        summaries.append(summary)
+    return summaries
 
 
 def _published_summary(store: ObjectStore | None, config: PipelineConfig, run_id: str,
@@ -727,13 +750,14 @@ def record_failure(run_id: str, task_id: str, label: Any, error: BaseException |
     line = f"task {task_id} [{label}] failed: {type(error).__name__ if error else 'Error'}: {first_line}"
     log.error("%s", line)
     try:
+        from ml.registry.layout import run_segment
+
         config = PipelineConfig.load()
         entry = {"at": datetime.now(UTC).isoformat(), "task_id": task_id, "label": str(label), "error": line}
-        _write_json(local_run_dir(config, run_id) / "failures" / f"{task_id}-{label}.json", entry)
+        _write_json(local_run_dir(config, run_id) / "failures" / f"{run_segment(f'{task_id}-{label}')}.json", entry)
         from ml.registry.store import ObjectStore
 
         store = ObjectStore.from_config(config.storage)
-        store.put_json(f"{run_prefix(config, run_id)}/failures/{safe_run_id(task_id)}-{safe_run_id(str(label))}.json",
-                       entry)
+        store.put_json(f"{run_prefix(config, run_id)}/failures/{run_segment(f'{task_id}-{label}')}.json", entry)
     except Exception as exc:  # noqa: BLE001 - a callback must not mask the original failure
         log.warning("could not record the failure summary: %s", type(exc).__name__)

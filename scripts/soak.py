@@ -280,14 +280,14 @@ class Soak:
 
     # -- one run ---------------------------------------------------------------------------
     def run(self, index: int) -> None:
-        from ml.pipeline import safe_run_id
+        from ml.registry.layout import run_segment
         from ml.registry.versions import read_pointer
 
         faults = [f for f in FAULTS if self.rng.random() < FAULT_PROBABILITY[f]]
         epochs = KILL_EPOCHS if "train_kill" in faults else self.rng.choice(EPOCHS)
         restart_after = self.rng.choice(RESTART_AFTER)
         run_id = f"soak__{index:03d}_{uuid.uuid4().hex[:4]}"
-        cand_dir = self.stack.work_dir / "runs" / safe_run_id(run_id) / "scratch_tiny"
+        cand_dir = self.stack.work_dir / "runs" / run_segment(run_id) / "scratch_tiny"
         started = datetime.now(UTC)
         clock = time.monotonic()
         injected: list[str] = []
@@ -392,7 +392,7 @@ class Soak:
 
     # -- invariants ------------------------------------------------------------------------
     def check_invariants(self, run_started: datetime) -> None:
-        from ml.pipeline import safe_run_id
+        from ml.registry.layout import run_segment
         from ml.registry.versions import (
             IncompleteVersionError,
             promotion_history,
@@ -416,7 +416,7 @@ class Soak:
         history = promotion_history(self.store, MODEL)
         moves = [e for e in history if e.get("action") in ("promote", "rollback")]
         for entry in moves:
-            key = f"{MODEL}/runs/{safe_run_id(str(entry.get('run_id')))}/gate.json"
+            key = f"{MODEL}/runs/{run_segment(str(entry.get('run_id')))}/gate.json"
             found = self.store.get_with_etag(key)
             if found is None or not json.loads(found[0]).get("promote"):
                 self.violation(f"promotion {entry['key']} has no gate decision to promote at {key}")

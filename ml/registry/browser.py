@@ -44,13 +44,39 @@ def _page(title: str, body: str) -> str:
 
 def list_runs(store: ObjectStore, model_name: str) -> list[str]:
     """Run ids that published a report, newest first (run ids start with their type and time)."""
-    prefix = f"{model_name}/runs/"
-    runs = {key[len(prefix):].split("/", 1)[0] for key in store.list_keys(prefix) if key.endswith("/report.json")}
+    from ml.errors import UnsafeNameError
+    from ml.registry.layout import run_id_from_segment, runs_root
+
+    prefix = runs_root(model_name)
+    segments = {key[len(prefix):].split("/", 1)[0] for key in store.list_keys(prefix)
+                if key.endswith("/report.json")}
+    runs = []
+    for segment in segments:
+        try:
+            runs.append(run_id_from_segment(segment))
+        except UnsafeNameError:
+            continue  # not a folder this pipeline wrote: never linked, never rendered
     return sorted(runs, key=_run_sort_key, reverse=True)
 
 
 def _run_sort_key(run_id: str) -> str:
     return run_id.split("__", 1)[-1]
+
+
+def run_href(base_url: str, run_id: Any) -> str | None:
+    """The registry page of a run (by its reversible store segment), or None for an unusable id."""
+    from ml.errors import UnsafeNameError
+    from ml.registry.layout import run_segment
+
+    try:
+        return f"{base_url}/runs/{run_segment(str(run_id))}"
+    except UnsafeNameError:
+        return None
+
+
+def _run_link(base_url: str, run_id: Any) -> str:
+    href = run_href(base_url, run_id)
+    return f"<a href='{_e(href)}'>{_e(run_id)}</a>" if href else _e(run_id)
 
 
 def render_overview(store: ObjectStore, model_name: str, *, base_url: str = "") -> str:
@@ -90,21 +116,26 @@ def render_overview(store: ObjectStore, model_name: str, *, base_url: str = "") 
     rows = "".join(
         f"<tr><td>{_e(h.get('at'))}</td><td class='{'ok' if h.get('action') in ('promote', 'rollback') else 'no'}'>"
         f"{_e(h.get('action'))}</td><td>{_e(h.get('from'))} → {_e(h.get('to'))}</td>"
-        f"<td><a href='{base_url}/runs/{_e(h.get('run_id'))}'>{_e(h.get('run_id'))}</a></td>"
+        f"<td>{_run_link(base_url, h.get('run_id')) if h.get('run_id') else ''}</td>"
         f"<td>{'<br>'.join(_e(r) for r in h.get('reasons', []))}</td></tr>" for h in history)
     parts.append("<h2>Gate decisions and promotions</h2><table><tr><th>when</th><th>action</th><th>pointer</th>"
                  f"<th>run</th><th>reasons</th></tr>{rows or '<tr><td colspan=5>none</td></tr>'}</table>")
 
     runs = list_runs(store, model_name)[:30]
-    items = "".join(f"<li><a href='{base_url}/runs/{_e(r)}'>{_e(r)}</a></li>" for r in runs)
+    items = "".join(f"<li>{_run_link(base_url, r)}</li>" for r in runs)
     parts.append(f"<h2>Runs</h2><ul>{items or '<li>none</li>'}</ul>")
     return _page(f"Model registry: {model_name}", "".join(parts))
 
 
-def render_run(store: ObjectStore, model_name: str, run_id: str, *, base_url: str = "") -> str:
-    """One run: the decision, the leaderboard with links to plots, quality report and model card."""
-    _check_segment(run_id)
-    prefix = f"runs/{run_id}"
+def render_run(store: ObjectStore, model_name: str, run_segment: str, *, base_url: str = "") -> str:
+    """One run (named by its store segment, as `run_href` links it): the decision, the leaderboard
+    with links to plots, quality report and model card.
+
+    Raises:
+        PermissionError: `run_segment` is not a run folder name this pipeline writes.
+    """
+    run_id = _decode_run(run_segment)
+    prefix = f"runs/{run_segment}"
     try:
         report = store.get_json(f"{model_name}/{prefix}/report.json")
     except StorageError:
@@ -145,10 +176,27 @@ def render_run(store: ObjectStore, model_name: str, run_id: str, *, base_url: st
 
 
 def read_artifact(store: ObjectStore, model_name: str, path: str) -> tuple[bytes, str]:
-    """An artifact's bytes and content type; only reports and plots, never models or secrets."""
+    """An artifact's bytes and content type; only reports and plots, never models or secrets.
+
+    `path` is ``runs/<run segment>/<file path>`` or ``versions/<version>/<file path>``; every
+    segment is checked (a run segment must decode, the rest be plain names), so nothing outside
+    those folders can be asked for.
+    """
+    from ml.errors import UnsafeNameError
+    from ml.registry.layout import check_relative_path, check_version
+
     path = _normalise(path)
-    if not path.startswith(("runs/", "versions/")) or ".." in path.split("/"):
-        raise PermissionError(f"not a registry artifact path: {path!r}")
+    parts = path.split("/")
+    if len(parts) < 3 or parts[0] not in ("runs", "versions") or ".." in parts:
+        raise PermissionError(f"not a registry artifact path: {path[:200]!r}")
+    try:
+        if parts[0] == "runs":
+            _decode_run(parts[1])
+        else:
+            check_version(parts[1])
+        check_relative_path("/".join(parts[2:]), "artifact path")
+    except UnsafeNameError as exc:
+        raise PermissionError(f"not a registry artifact path: {exc}") from None
     suffix = "." + path.rsplit(".", 1)[-1].lower() if "." in path else ""
     if suffix not in CONTENT_TYPES:
         raise PermissionError(f"artifacts of type {suffix or '(none)'} are not served here")
@@ -168,9 +216,15 @@ def _normalise(path: str) -> str:
     return "/".join(out)
 
 
-def _check_segment(value: str) -> None:
-    if not value or "/" in value or value in (".", ".."):
-        raise PermissionError(f"invalid run id {value!r}")
+def _decode_run(segment: str) -> str:
+    """The run id of a run segment; PermissionError (a 400 in the plugin) when it is not one."""
+    from ml.errors import UnsafeNameError
+    from ml.registry.layout import run_id_from_segment
+
+    try:
+        return run_id_from_segment(segment)
+    except UnsafeNameError as exc:
+        raise PermissionError(str(exc)) from None
 
 
 def registry_summary(store: ObjectStore, model_name: str) -> dict[str, Any]:

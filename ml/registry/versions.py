@@ -28,7 +28,9 @@ from ml.errors import (  # noqa: F401 - IncompleteVersionError is re-exported fo
     ObjectExistsError,
     PromotionConflict,
     StorageError,
+    UnsafeNameError,
 )
+from ml.registry import layout
 
 if TYPE_CHECKING:
     from ml.registry.store import ObjectStore
@@ -40,7 +42,6 @@ VERSION_FILE = "version.json"
 COMPLETE_MARKER = "COMPLETE"
 POINTER_FILE = "production.json"
 _RESERVED = frozenset({VERSION_FILE, COMPLETE_MARKER})
-_VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _FILE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _TS_FORMAT = "%Y%m%dT%H%M%S.%fZ"  # the promotion log's key prefix: lexicographic = chronological
 
@@ -56,21 +57,22 @@ def new_version_id(now: datetime) -> str:
 
 
 def version_prefix(model_name: str, version: str) -> str:
-    """``<model_name>/versions/<version>/``."""
-    return f"{model_name}/versions/{version}/"
+    """``<model_name>/versions/<version>/`` (the version id is checked: it may come from the store)."""
+    _check_version(version)
+    return layout.version_prefix(model_name, version)
 
 
 def pointer_key(model_name: str) -> str:
     """``<model_name>/production.json``."""
-    return f"{model_name}/{POINTER_FILE}"
+    return layout.pointer_key(model_name)
 
 
 def _check_version(version: str) -> None:
-    if not _VERSION_RE.match(version or ""):
-        raise StorageError(
-            f"invalid version id {version!r}: use letters, digits, '.', '_' and '-' "
-            "(at most 128 characters, not starting with a symbol)"
-        )
+    """A StorageError for a version id that is not a plain name (`ml.registry.layout.check_version`)."""
+    try:
+        layout.check_version(version)
+    except UnsafeNameError as exc:
+        raise StorageError(str(exc)) from None
 
 
 def _utc_now() -> datetime:
@@ -208,7 +210,7 @@ def read_version(store: ObjectStore, model_name: str, version: str) -> dict[str,
 
 def list_versions(store: ObjectStore, model_name: str) -> list[dict[str, Any]]:
     """Complete versions, oldest first: {version, created_at, metrics, is_production, uri, sha256}."""
-    root = f"{model_name}/versions/"
+    root = layout.versions_root(model_name)
     complete = sorted(
         {
             key[len(root) :].split("/", 1)[0]
@@ -216,6 +218,10 @@ def list_versions(store: ObjectStore, model_name: str) -> list[dict[str, Any]]:
             if key.endswith("/" + COMPLETE_MARKER)
         }
     )
+    for bad in [v for v in complete if not layout.is_name(v)]:
+        # A crafted key must not take the whole listing down; it is not a version either.
+        log.warning("ignoring %s: %r is not a valid version id", store.uri(root + bad), bad[:80])
+        complete.remove(bad)
     pointer, _ = read_pointer(store, model_name)
     production = pointer.get("version") if pointer else None
     out = []
@@ -243,9 +249,17 @@ def read_pointer(store: ObjectStore, model_name: str) -> tuple[dict[str, Any] | 
         return None, None
     data, etag = found
     try:
-        return json.loads(data), etag
+        pointer = json.loads(data)
     except ValueError as exc:
         raise StorageError(f"{store.uri(pointer_key(model_name))} is not valid JSON: {exc}") from None
+    # Readers build keys and cache folders from the pointer's version: check it where it is read.
+    if not isinstance(pointer, dict) or not isinstance(pointer.get("version"), str):
+        raise StorageError(f"{store.uri(pointer_key(model_name))} is not a pointer object with a 'version'")
+    try:
+        layout.check_version(pointer["version"])
+    except UnsafeNameError as exc:
+        raise StorageError(f"{store.uri(pointer_key(model_name))}: {exc}") from None
+    return pointer, etag
 
 
 def make_pointer(
@@ -300,6 +314,7 @@ def swap_pointer(
             f"the version's model.keras has {info['sha256']!r}; refusing to point at it"
         )
     key = pointer_key(model_name)
+    previous = store.get_with_etag(key) if expected_etag is not None else None
     try:
         if expected_etag is None:
             etag = store.put_json(key, pointer, if_none_match=True)
@@ -324,6 +339,17 @@ def swap_pointer(
             f"{what}; {model_name} version {version} was not promoted -- re-run the gate "
             "against the new production model"
         ) from None
+    if not is_complete(store, model_name, version):
+        # Retention deleted the version's marker between our check and our write (it deletes the
+        # marker first, then looks at the pointer again): give the pointer back, or drop a first one.
+        if previous is not None and previous[1] == expected_etag:
+            store.put_bytes(key, previous[0], if_match=etag, content_type="application/json")
+        else:
+            store.delete(key)
+        raise IncompleteVersionError(
+            f"version {version} of {model_name} lost its {COMPLETE_MARKER} marker while being promoted (retention "
+            f"is deleting it); {store.uri(key)} was restored -- promote another version"
+        )
     log.info("production pointer of %s now at version %s (ETag %s)", model_name, version, etag)
     return etag
 
@@ -341,7 +367,7 @@ def append_promotion_log(store: ObjectStore, model_name: str, entry: dict[str, A
     for _ in range(5):  # same microsecond and version: take the next timestamp
         now = _utc_now()
         record = {"at": now.isoformat(), **entry}
-        key = f"{model_name}/promotions/{now:{_TS_FORMAT}}-{version}.json"
+        key = f"{layout.promotions_root(model_name)}{now:{_TS_FORMAT}}-{version}.json"
         try:
             store.put_json(key, record, if_none_match=True)
             return key
@@ -352,7 +378,7 @@ def append_promotion_log(store: ObjectStore, model_name: str, entry: dict[str, A
 
 def promotion_history(store: ObjectStore, model_name: str) -> list[dict[str, Any]]:
     """Every promotion log entry, oldest first (each with its ``key``)."""
-    keys = store.list_keys(f"{model_name}/promotions/")  # timestamped names sort chronologically
+    keys = store.list_keys(layout.promotions_root(model_name))  # timestamped names sort chronologically
     return [{**store.get_json(key), "key": key} for key in keys if key.endswith(".json")]
 
 

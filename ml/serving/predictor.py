@@ -38,6 +38,11 @@ MODEL_FILE = "model.keras"
 LABELS_FILE = "labels.json"
 PREPROCESSING_FILE = "preprocessing.json"
 _REQUIRED = (MODEL_FILE, LABELS_FILE, PREPROCESSING_FILE)
+# Largest file a version may list (model.keras of a big backbone is ~0.5 GB; exports a few times that).
+MAX_FILE_BYTES = 8 * 1024**3
+# preprocessing.json's image_size bounds (the training config's range): a crafted 10^6 must not
+# make a consumer allocate terabytes for one batch.
+IMAGE_SIZE_RANGE = (8, 2048)
 ImageInput = str | Path | np.ndarray
 
 
@@ -185,6 +190,10 @@ def _load_folder(folder: Path, *, version: str | None, sha256: str, where: str) 
         size = int(preprocessing["image_size"])
     except (KeyError, TypeError, ValueError):
         raise ModelVerificationError(f"{where}: preprocessing.json has no integer image_size") from None
+    if not IMAGE_SIZE_RANGE[0] <= size <= IMAGE_SIZE_RANGE[1]:
+        raise ModelVerificationError(
+            f"{where}: preprocessing.json image_size {size} is outside {list(IMAGE_SIZE_RANGE)} pixels"
+        )
     try:
         model = load_model(folder / MODEL_FILE, compile=False)
     except ModelVerificationError as exc:
@@ -206,13 +215,40 @@ def _load_folder(folder: Path, *, version: str | None, sha256: str, where: str) 
     )
 
 
+def _checked_files(files: Any, where: str) -> dict[str, dict[str, Any]]:
+    """version.json's file table, refused unless every name is a plain file name and every size sane.
+
+    The table comes from the store, which may have been tampered with: it is checked here, before
+    a single byte is written, so a name like ``../../escaped.txt`` never reaches the filesystem.
+    """
+    from ml.errors import UnsafeNameError
+    from ml.registry.layout import check_name
+
+    if not isinstance(files, dict) or not files:
+        raise ModelVerificationError(f"{where}: version.json has no file table")
+    checked: dict[str, dict[str, Any]] = {}
+    for name, meta in files.items():
+        try:
+            check_name(name, "file name in version.json")
+        except UnsafeNameError as exc:
+            raise ModelVerificationError(f"{where}: {exc}; refusing to download the version") from None
+        size = meta.get("size") if isinstance(meta, dict) else None
+        if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size <= MAX_FILE_BYTES:
+            raise ModelVerificationError(
+                f"{where}: version.json lists {name!r} with size {size!r}; expected 0 to {MAX_FILE_BYTES} bytes"
+            )
+        checked[name] = meta
+    return checked
+
+
 def _download_version(store: ObjectStore, prefix: str, files: dict[str, Any], dest: Path) -> None:
     """Download every file into a temporary sibling folder, then rename it to `dest`."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent))
     try:
-        for name in files:
-            store.download_file(prefix + name, tmp / name)
+        for name, meta in files.items():
+            # No more bytes than version.json promised: the sha256 check comes after the download.
+            store.download_file(prefix + name, tmp / name, max_bytes=int(meta["size"]))
         try:
             os.rename(tmp, dest)
         except OSError:
@@ -241,7 +277,7 @@ def load_version(
         info = read_version(store, model_name, version)
     except StorageError as exc:
         raise ModelVerificationError(f"{where}: {exc}") from None
-    files = info.get("files") or {}
+    files = _checked_files(info.get("files"), where)
     if expected_sha256 is not None and info.get("sha256") != expected_sha256:
         raise ModelVerificationError(
             f"{where}: version.json says model.keras sha256 {info.get('sha256')} but "
@@ -305,7 +341,7 @@ def load_local(path: str | Path) -> Predictor:
     version_file = folder / "version.json"
     if version_file.is_file():
         info = _read_json(version_file, "version file")
-        sha = _verify_files(folder, info.get("files") or {}, expected_model_sha=None, where=where)
+        sha = _verify_files(folder, _checked_files(info.get("files"), where), expected_model_sha=None, where=where)
         return _load_folder(folder, version=info.get("version"), sha256=sha, where=where)
     return _load_folder(folder, version=None, sha256=_sha256(folder / MODEL_FILE), where=where)
 

@@ -91,9 +91,9 @@ def test_same_data_again_skips_training(pipeline_env, sample):
 
 
 def _safe(run_id: str) -> str:
-    from ml.pipeline import safe_run_id
+    from ml.registry.layout import run_segment
 
-    return safe_run_id(run_id)
+    return run_segment(run_id)
 
 
 def test_failing_quality_suite_stops_before_training(pipeline_env, tmp_path):

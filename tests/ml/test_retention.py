@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -80,7 +80,8 @@ def test_keeps_newest_runs_and_the_runs_behind_production_and_rollback_targets(
 def test_dry_run_deletes_nothing(store: ObjectStore, history: dict) -> None:
     before = store.list_keys(f"{MODEL}/")
 
-    result = apply_retention(store, MODEL, keep_runs=2, dry_run=True, prune_versions=True)
+    result = apply_retention(store, MODEL, keep_runs=2, dry_run=True, prune_versions=True,
+                             now=datetime.now(UTC) + LATER)
 
     assert store.list_keys(f"{MODEL}/") == before
     assert _run_ids(result, "removed") == ["run-c", "run-e"]
@@ -88,20 +89,24 @@ def test_dry_run_deletes_nothing(store: ObjectStore, history: dict) -> None:
     assert result["dry_run"] is True
 
 
+LATER = timedelta(days=2)  # `now` for retention: every object the fixtures wrote is past the grace period
+
+
 def test_prune_versions_removes_only_never_promoted_old_versions(
     store: ObjectStore, history: dict, tmp_path: Path
 ) -> None:
-    fresh = v.new_version_id(datetime.now(UTC))  # a promotion may be publishing it right now
+    fresh = v.new_version_id(datetime.now(UTC))  # a promotion claimed it and may be publishing it right now
     _publish(store, tmp_path, fresh, "run-a")
+    store.put_json(f"{MODEL}/runs/run-a/promotion.json", {"version": fresh, "challenger": "scratch_small"})
 
-    result = apply_retention(store, MODEL, keep_runs=5, prune_versions=True)
+    result = apply_retention(store, MODEL, keep_runs=5, prune_versions=True, now=datetime.now(UTC) + LATER)
 
     assert [r["version"] for r in result["versions"]["removed"]] == [V_LOSER]
     assert store.list_keys(v.version_prefix(MODEL, V_LOSER)) == []
     kept = {r["version"]: r["reason"] for r in result["versions"]["kept"]}
     assert kept[V_PROD] == "production"
     assert "rollback target" in kept[V_FIRST]
-    assert "in flight" in kept[fresh]
+    assert "claimed by run run-a" in kept[fresh]
     assert result["runs"]["removed"] == []
     # production and its rollback target still resolve
     assert v.make_pointer(store, MODEL, V_PROD)["version"] == V_PROD
@@ -141,3 +146,71 @@ def test_cli_retention_dry_run(store: ObjectStore, history: dict, monkeypatch: p
     out = json.loads(capsys.readouterr().out)
     assert sorted(r["run_id"] for r in out["runs"]["removed"]) == ["run-c", "run-e"]
     assert store.list_keys(f"{MODEL}/") == before
+
+
+# -- races with rollbacks and promotions (issue 11) -------------------------------------------------
+
+
+def test_grace_counts_from_the_objects_not_the_version_id(store: ObjectStore, history: dict) -> None:
+    """A promote cleared a day after its claim republishes under the old id: its fresh objects protect it."""
+    result = apply_retention(store, MODEL, keep_runs=5, prune_versions=True)  # real now: objects just written
+
+    kept = {r["version"]: r["reason"] for r in result["versions"]["kept"]}
+    assert "in flight" in kept[V_LOSER]  # its id says 2020, its objects say now
+    assert v.is_complete(store, MODEL, V_LOSER)
+
+
+def test_a_claimed_version_is_never_pruned(store: ObjectStore, history: dict) -> None:
+    store.put_json(f"{MODEL}/runs/run-c/promotion.json", {"version": V_LOSER, "challenger": "scratch_small"})
+
+    result = apply_retention(store, MODEL, keep_runs=5, prune_versions=True, now=datetime.now(UTC) + LATER)
+
+    assert result["versions"]["removed"] == []
+    assert v.is_complete(store, MODEL, V_LOSER)
+
+
+def test_a_rollback_onto_the_version_being_deleted_wins(store: ObjectStore, history: dict,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rollback lands after retention's first check, before the marker goes: the marker comes back."""
+    marker = v.version_prefix(MODEL, V_LOSER) + v.COMPLETE_MARKER
+    real_get = store.get_with_etag
+
+    def get_then_rollback(key: str):
+        found = real_get(key)
+        if key == marker:  # retention saves the marker just before deleting it
+            monkeypatch.setattr(store, "get_with_etag", real_get)
+            v.rollback(store, MODEL, V_LOSER, reason="operator", actor="test")
+        return found
+
+    monkeypatch.setattr(store, "get_with_etag", get_then_rollback)
+
+    result = apply_retention(store, MODEL, keep_runs=5, prune_versions=True, now=datetime.now(UTC) + LATER)
+
+    kept = {r["version"]: r["reason"] for r in result["versions"]["kept"]}
+    assert "restored" in kept[V_LOSER]
+    pointer, _ = v.read_pointer(store, MODEL)
+    assert pointer["version"] == V_LOSER
+    assert v.is_complete(store, MODEL, V_LOSER)
+    assert v.make_pointer(store, MODEL, V_LOSER)["sha256"] == pointer["sha256"]  # files all there
+
+
+def test_a_rollback_that_loses_to_the_delete_gives_the_pointer_back(store: ObjectStore, history: dict,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Retention deletes the whole version between rollback's check and its write: the pointer is restored."""
+    before, _ = v.read_pointer(store, MODEL)
+    real_put = store.put_json
+
+    def delete_then_put(key: str, obj, **kwargs):
+        if key == v.pointer_key(MODEL) and obj.get("version") == V_LOSER:
+            monkeypatch.setattr(store, "put_json", real_put)
+            apply_retention(store, MODEL, keep_runs=5, prune_versions=True, now=datetime.now(UTC) + LATER)
+        return real_put(key, obj, **kwargs)
+
+    monkeypatch.setattr(store, "put_json", delete_then_put)
+
+    with pytest.raises(v.IncompleteVersionError, match="restored"):
+        v.rollback(store, MODEL, V_LOSER, reason="operator", actor="test")
+
+    after, _ = v.read_pointer(store, MODEL)
+    assert after == before
+    assert store.list_keys(v.version_prefix(MODEL, V_LOSER)) == []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from pathlib import Path
@@ -9,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ml.errors import DataError, ModelVerificationError
+from ml.errors import DataError, ModelVerificationError, StorageError
 from ml.registry import versions as v
 from ml.registry.store import ObjectStore
 from ml.serving import predictor as serving
@@ -209,3 +210,96 @@ def test_bad_input_arrays_are_rejected(model_dirs: dict, image: np.ndarray, matc
 
     with pytest.raises(DataError, match=match):
         predictor.predict_proba([image])
+
+
+# -- a hostile store: names and sizes read back from it are checked before anything is written ------
+
+
+def _forge_version(store: ObjectStore, version: str, files: dict[str, dict], *, preprocessing: dict | None = None,
+                   bodies: dict[str, bytes] | None = None) -> None:
+    """Write a version the way an attacker with write access to the bucket could: raw objects, COMPLETE."""
+    prefix = v.version_prefix(MODEL, version)
+    for name, body in (bodies or {}).items():
+        store.put_bytes(prefix + name, body)
+    if preprocessing is not None:
+        store.put_json(prefix + "preprocessing.json", preprocessing)
+    info = {"model_name": MODEL, "version": version, "sha256": files["model.keras"]["sha256"], "files": files,
+            "metadata": {"labels": LABELS}}
+    store.put_json(prefix + "version.json", info)
+    store.put_json(prefix + "COMPLETE", {"version": version})
+    pointer, etag = v.read_pointer(store, MODEL)
+    forged = {**(pointer or {}), "version": version, "sha256": files["model.keras"]["sha256"]}
+    store.put_json(v.pointer_key(MODEL), forged)
+
+
+def _outside(root: Path, cache: Path) -> list[Path]:
+    return [p for p in root.rglob("*") if not p.is_relative_to(cache)]
+
+
+def _good_files(folder: Path) -> dict[str, dict]:
+    return {n: {"sha256": v.sha256_file(p), "size": p.stat().st_size} for n, p in _files(folder).items()}
+
+
+@pytest.mark.parametrize("name", ["../../../escaped.txt", "../../escaped.txt", "/tmp/escaped.txt", "sub/escaped.txt",
+                                  ".escaped"])
+def test_client_refuses_file_names_that_leave_its_cache(
+    store: ObjectStore, model_dirs: dict, tmp_path: Path, name: str
+) -> None:
+    _publish_and_promote(store, model_dirs["a"], "v1")
+    root = tmp_path / "consumer"
+    cache = root / "cache"
+    client = ModelClient(store, MODEL, cache_dir=cache)
+    assert client.refresh().version == "v1"
+    files = {**_good_files(model_dirs["b"]), name: {"sha256": "0" * 64, "size": 5}}
+    _forge_version(store, "v2", files, bodies={n: p.read_bytes() for n, p in _files(model_dirs["b"]).items()})
+    with contextlib.suppress(StorageError):  # SeaweedFS refuses keys with '..'; other stores may not
+        store.put_bytes(v.version_prefix(MODEL, "v2") + name, b"owned")
+
+    served = client.refresh()
+
+    assert served.version == "v1"
+    assert "file name in version.json" in (client.last_error or "")
+    assert _outside(root, cache) == []
+    assert not Path("/tmp/escaped.txt").exists()
+
+
+def test_client_refuses_an_object_larger_than_version_json_says(
+    store: ObjectStore, model_dirs: dict, tmp_path: Path
+) -> None:
+    _publish_and_promote(store, model_dirs["a"], "v1")
+    client = ModelClient(store, MODEL, cache_dir=tmp_path / "cache")
+    client.refresh()
+    files = _good_files(model_dirs["b"])
+    bodies = {n: p.read_bytes() for n, p in _files(model_dirs["b"]).items()}
+    bodies["labels.json"] = b" " * (4 * 1024 * 1024)  # 4 MiB where 30-odd bytes were promised
+    _forge_version(store, "v2", files, bodies=bodies)
+
+    assert client.refresh().version == "v1"
+    assert "larger than the" in (client.last_error or "")
+    assert not any(p.name.endswith(".part") for p in (tmp_path / "cache").rglob("*"))
+
+
+@pytest.mark.parametrize("size", [10**6, 0, "x"])
+def test_absurd_preprocessing_is_refused(store: ObjectStore, model_dirs: dict, tmp_path: Path, size) -> None:
+    folder = tmp_path / "forged"
+    folder.mkdir()
+    for name, path in _files(model_dirs["b"]).items():
+        (folder / name).write_bytes(path.read_bytes())
+    (folder / "preprocessing.json").write_text(json.dumps({"image_size": size, "color_order": "RGB",
+                                                           "input_range": [0, 255]}))
+
+    with pytest.raises(ModelVerificationError, match="image_size"):
+        load_local(folder)
+
+
+def test_a_pointer_naming_a_path_is_refused_and_the_client_keeps_serving(
+    store: ObjectStore, model_dirs: dict, tmp_path: Path
+) -> None:
+    _publish_and_promote(store, model_dirs["a"], "v1")
+    client = ModelClient(store, MODEL, cache_dir=tmp_path / "cache")
+    client.refresh()
+    pointer, _ = v.read_pointer(store, MODEL)
+    store.put_json(v.pointer_key(MODEL), {**pointer, "version": "../../../tmp/x"})
+
+    assert client.refresh().version == "v1"
+    assert "invalid version id" in (client.last_error or "")

@@ -352,9 +352,9 @@ def _pointer(store) -> dict[str, Any]:
 
 
 def _safe(run_id: str) -> str:
-    from ml.pipeline import safe_run_id
+    from ml.registry.layout import run_segment
 
-    return safe_run_id(run_id)
+    return run_segment(run_id)
 
 
 def test_celery_run_succeeds_and_promotes_a_complete_version(runs):

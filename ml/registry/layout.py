@@ -1,0 +1,187 @@
+"""The object-store layout: every key the pipeline writes or reads, and the names inside them.
+
+One module owns the key scheme, so a reader and a writer can never disagree about it, and every
+name that becomes part of a key or a local path is checked *where it is read* -- from the config,
+the command line, an Airflow run id, or an object listing of a store someone else may control::
+
+    <model>/runs/<run segment>/<candidate>/...      every candidate of every run
+    <model>/runs/<run segment>/...                  run-level artifacts (quality/, leaderboard/, reports)
+    <model>/versions/<version>/...                  immutable once COMPLETE
+    <model>/production.json                         the pointer
+    <model>/promotions/<utc-timestamp>-<version>.json   append-only log
+
+Run ids are Airflow's (``manual__2026-11-23T17:05:01.123456+00:00``): `run_segment` maps them to a
+key segment that is collision-free and reversible (`run_id_from_segment`), unlike replacing
+``:`` and ``+`` with ``_``, which made two run ids share one prefix.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import PurePosixPath
+
+from ml.errors import UnsafeNameError
+
+# Airflow's dag_run.run_id column is String(250); the CLI's ids follow the same bound.
+RUN_ID_MAX_CHARS = 250
+# A plain name: one path segment, no leading symbol (so never "." or ".." or a hidden file).
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+# Characters a run segment keeps as they are; every other UTF-8 byte becomes "~hh".
+_RUN_SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-")
+_RUN_SEGMENT_RE = re.compile(r"^(?:[A-Za-z0-9_.-]|~[0-9a-f]{2})+$")
+# A relative file path inside a candidate or version folder: a few plain segments.
+MAX_RELATIVE_DEPTH = 8
+
+
+def check_name(value: object, what: str) -> str:
+    """`value` if it is a plain name (letters, digits, '.', '_', '-'; at most 128; no leading symbol).
+
+    Raises:
+        UnsafeNameError: naming `what` and the value.
+    """
+    if not isinstance(value, str) or not _NAME_RE.match(value):
+        raise UnsafeNameError(
+            f"invalid {what} {_shown(value)}: use letters, digits, '.', '_' and '-' (at most 128 characters, "
+            "not starting with a symbol)"
+        )
+    return value
+
+
+def is_name(value: object) -> bool:
+    """Whether `value` passes `check_name`."""
+    return isinstance(value, str) and bool(_NAME_RE.match(value))
+
+
+def check_version(version: object) -> str:
+    """A version id as read from a pointer, a log entry, a listing or the command line."""
+    return check_name(version, "version id")
+
+
+def check_candidate(candidate: object) -> str:
+    """A candidate name that the architecture registry knows (scratch_*, transfer_*, finetune_*)."""
+    from ml.models.registry import parse_candidate
+
+    name = check_name(candidate, "candidate name")
+    parse_candidate(name)  # UnknownArchitectureError listing the known names
+    return name
+
+
+def check_run_id(run_id: object) -> str:
+    """A run id: 1 to 250 printable characters (any of them; `run_segment` makes it key-safe)."""
+    if not isinstance(run_id, str) or not run_id or len(run_id) > RUN_ID_MAX_CHARS:
+        raise UnsafeNameError(f"invalid run id {_shown(run_id)}: expected 1 to {RUN_ID_MAX_CHARS} characters")
+    if not run_id.isprintable():
+        raise UnsafeNameError(f"invalid run id {_shown(run_id)}: control characters are not allowed")
+    return run_id
+
+
+def run_segment(run_id: str) -> str:
+    """The key/folder segment of a run id: reversible and collision-free.
+
+    Letters, digits, '_', '-' and '.' stay (a leading '.' does not); every other UTF-8 byte is
+    written ``~hh`` (lower-case hex), '~' itself included, so distinct run ids never share a segment
+    and the result is safe in S3 keys, URLs and file names.
+    """
+    check_run_id(run_id)
+    out = []
+    for i, char in enumerate(run_id):
+        if char in _RUN_SAFE and not (i == 0 and char == "."):
+            out.append(char)
+        else:
+            out.extend(f"~{byte:02x}" for byte in char.encode("utf-8"))
+    return "".join(out)
+
+
+def run_id_from_segment(segment: str) -> str:
+    """The run id a segment stands for (the inverse of `run_segment`); UnsafeNameError otherwise.
+
+    Only the canonical encoding is accepted, so each run id has exactly one segment. Folders
+    written before this scheme (``manual__2026-11-23T17_05_01...``) decode to themselves.
+    """
+    if not isinstance(segment, str) or not _RUN_SEGMENT_RE.match(segment):
+        raise UnsafeNameError(f"invalid run segment {_shown(segment)}: not a run folder name")
+    raw = bytearray()
+    i = 0
+    while i < len(segment):
+        if segment[i] == "~":
+            raw.append(int(segment[i + 1 : i + 3], 16))
+            i += 3
+        else:
+            raw.extend(segment[i].encode("ascii"))
+            i += 1
+    try:
+        run_id = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise UnsafeNameError(f"invalid run segment {_shown(segment)}: not UTF-8 once decoded") from None
+    if run_segment(run_id) != segment:
+        raise UnsafeNameError(f"invalid run segment {_shown(segment)}: not the canonical encoding of a run id")
+    return run_id
+
+
+def check_relative_path(rel: object, what: str) -> PurePosixPath:
+    """A file path inside a folder: 1 to 8 plain-name segments joined by '/'.
+
+    Used for keys listed under a candidate or version prefix and for file names a version.json
+    lists, before anything is written locally: a crafted ``../../x`` or ``/etc/x`` never leaves
+    the destination folder.
+    """
+    if not isinstance(rel, str) or not rel:
+        raise UnsafeNameError(f"invalid {what} {_shown(rel)}: empty")
+    parts = rel.split("/")
+    if len(parts) > MAX_RELATIVE_DEPTH:
+        raise UnsafeNameError(f"invalid {what} {_shown(rel)}: deeper than {MAX_RELATIVE_DEPTH} folders")
+    for part in parts:
+        check_name(part, f"{what} segment")
+    return PurePosixPath(*parts)
+
+
+# -- keys -------------------------------------------------------------------------------------------
+
+
+def model_root(model_name: str) -> str:
+    """``<model>/``."""
+    return f"{check_name(model_name, 'model name')}/"
+
+
+def runs_root(model_name: str) -> str:
+    """``<model>/runs/``: one folder per run."""
+    return f"{model_root(model_name)}runs/"
+
+
+def run_prefix(model_name: str, run_id: str) -> str:
+    """``<model>/runs/<run segment>`` (no trailing slash)."""
+    return f"{runs_root(model_name)}{run_segment(run_id)}"
+
+
+def candidate_prefix(model_name: str, run_id: str, candidate: str) -> str:
+    """``<model>/runs/<run segment>/<candidate>/``."""
+    return f"{run_prefix(model_name, run_id)}/{check_candidate(candidate)}/"
+
+
+def versions_root(model_name: str) -> str:
+    """``<model>/versions/``."""
+    return f"{model_root(model_name)}versions/"
+
+
+def version_prefix(model_name: str, version: str) -> str:
+    """``<model>/versions/<version>/``."""
+    return f"{versions_root(model_name)}{check_version(version)}/"
+
+
+POINTER_FILE = "production.json"
+
+
+def pointer_key(model_name: str) -> str:
+    """``<model>/production.json``."""
+    return f"{model_root(model_name)}{POINTER_FILE}"
+
+
+def promotions_root(model_name: str) -> str:
+    """``<model>/promotions/``: the append-only promotion log."""
+    return f"{model_root(model_name)}promotions/"
+
+
+def _shown(value: object, limit: int = 80) -> str:
+    """A value for an error message: repr'd and cut, so a hostile 16 kB name stays one line."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
