@@ -173,8 +173,10 @@ def cmd_up(args: argparse.Namespace) -> int:
     else:
         start_standalone(stack)
     password_file = AIRFLOW_HOME / "simple_auth_manager_passwords.json.generated"
-    password = json.loads(password_file.read_text()).get("admin") if password_file.exists() else "(see log)"
-    say(f"Airflow UI: http://localhost:{API_PORT}  (user admin, password {password})")
+    if password_file.exists():
+        password_file.chmod(0o600)
+    # The password stays in its file: terminal output ends up in CI logs and screen shares.
+    say(f"Airflow UI: http://localhost:{API_PORT}  (user admin; password in {password_file.relative_to(REPO)})")
     say(f"object store: {server.endpoint_url}  (credentials in {SEAWEED_DIR.relative_to(REPO)}/state.json)")
     say("stop with: make down")
     return 0
