@@ -26,8 +26,6 @@ TEXTURES = ("striped", "dotted", "checkered", "solid")
 MAX_CLASSES = len(SHAPES) * len(TEXTURES)
 LAYOUTS = ("kaggle", "folders")
 JPEG_QUALITY = 90
-
-
 DEFAULT_CLASSES = 4
 
 
