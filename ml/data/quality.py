@@ -10,6 +10,12 @@ GX runs on four small pandas frames from an ephemeral context (nothing written b
 Every expectation carries ``meta.severity`` "failing" or "warning" (and GX's own ``severity``).
 GX decides pass/fail; the sentences in the report are written from the same frames, so they
 can name classes and numbers ("class 'x' has 3 ok images, minimum is 5").
+
+The HTML page (`render_html`) is ours, not GX's Data Docs: GX's page template loads eight scripts
+and stylesheets from public CDNs and printed an unexpected label such as ``<script>…`` unescaped,
+on a page served under the Airflow origin. Ours is one self-contained file, without script, with
+every value from the data escaped, and it carries what the GX page showed besides the verdicts:
+each expectation's rule, observed value, unexpected count and a few unexpected examples.
 """
 
 from __future__ import annotations
@@ -429,8 +435,8 @@ def validate_dataset(dataset_dir: Path, config: DataConfig, *, out_dir: Path | N
     Args:
         dataset_dir: A dataset folder written by `ml.data.ingest.ingest`.
         config: Thresholds (min_classes, min_images_per_class, max_quarantined_fraction, ...).
-        out_dir: When given, ``quality.json``, ``quality.html`` (self-contained) and
-            ``quality_gx.html`` (GX's Data Docs page; its styling loads from a CDN) are written there.
+        out_dir: When given, ``quality.json`` and ``quality.html`` (self-contained, no script) are
+            written there.
 
     Returns:
         The report; call `raise_for_failures()` to stop a pipeline on failing checks.
@@ -495,7 +501,7 @@ def validate_dataset(dataset_dir: Path, config: DataConfig, *, out_dir: Path | N
         "suites": {name: r.to_json_dict() for name, r in results.items()},
     }
     report = QualityReport(not failures, failures, warnings, stats, _jsonable(result))
-    _finish(report, out_dir, started, gx_results=results)
+    _finish(report, out_dir, started)
     return report
 
 
@@ -503,9 +509,7 @@ def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
-def _finish(
-    report: QualityReport, out_dir: Path | None, started: float, gx_results: dict | None = None
-) -> None:
+def _finish(report: QualityReport, out_dir: Path | None, started: float) -> None:
     log.info("%s (%.1f s)", report.summary(), time.monotonic() - started)
     if out_dir is None:
         return
@@ -513,18 +517,6 @@ def _finish(
     out_dir.mkdir(parents=True, exist_ok=True)
     _write_atomic(out_dir / "quality.json", json.dumps(report.to_dict(), indent=2, ensure_ascii=False) + "\n")
     _write_atomic(out_dir / "quality.html", render_html(report))
-    if gx_results:
-        try:
-            from great_expectations.render.renderer import ValidationResultsPageRenderer
-            from great_expectations.render.view import DefaultJinjaPageView
-
-            pages = [
-                DefaultJinjaPageView().render(ValidationResultsPageRenderer().render(r))
-                for r in gx_results.values()
-            ]
-            _write_atomic(out_dir / "quality_gx.html", "\n<hr>\n".join(pages))
-        except Exception as exc:  # noqa: BLE001 - the GX page is a bonus; quality.html is the report
-            log.warning("could not render GX Data Docs page: %s", exc)
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -533,9 +525,86 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def render_html(report: QualityReport) -> str:
-    """A self-contained HTML page of the report (no external assets, readable offline)."""
+# How much of the data the page repeats: a value_set of 120 breeds or a 50 kB label would bury
+# the table; quality.json keeps everything.
+_MAX_RULE_VALUES = 10
+_MAX_EXAMPLES = 5
+_MAX_VALUE_CHARS = 200
+
+
+def _clip(text: str, limit: int = _MAX_VALUE_CHARS) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _show(value: Any) -> str:
+    """One value as short text (strings as they are, the rest as JSON); not yet escaped."""
+    if isinstance(value, str):
+        return _clip(value)
+    return _clip(json.dumps(value, ensure_ascii=False, default=str))
+
+
+def _expectation_details(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per check name: GX's kwargs, result block and exception info, from the suites' JSON."""
+    details: dict[str, dict[str, Any]] = {}
+    for suite in (result.get("suites") or {}).values():
+        items = suite.get("results") if isinstance(suite, dict) else None
+        for item in items or []:
+            config = item.get("expectation_config") or {}
+            name = (config.get("meta") or {}).get("check")
+            if name:
+                details[str(name)] = {
+                    "kwargs": config.get("kwargs") or {},
+                    "result": item.get("result") or {},
+                    "exception": item.get("exception_info") or {},
+                }
+    return details
+
+
+def _rule_text(kwargs: dict[str, Any]) -> str:
+    parts = []
+    for key, value in kwargs.items():
+        if key in ("batch_id", "column"):
+            continue
+        if isinstance(value, list):
+            # Items JSON-quoted: a label may itself contain ", ".
+            shown = ", ".join(_show(json.dumps(v, ensure_ascii=False, default=str)) for v in value[:_MAX_RULE_VALUES])
+            more = f", … {len(value) - _MAX_RULE_VALUES} more" if len(value) > _MAX_RULE_VALUES else ""
+            parts.append(f"{key}: [{shown}{more}]")
+        else:
+            parts.append(f"{key}: {_show(value)}")
+    return "; ".join(parts)
+
+
+def _observed_text(result: dict[str, Any]) -> str:
+    if "observed_value" in result:
+        return _show(result["observed_value"])
+    if "unexpected_count" in result:
+        percent = result.get("unexpected_percent")
+        share = f" ({percent:.1f}%)" if isinstance(percent, (int, float)) else ""
+        return f"{result['unexpected_count']} of {result.get('element_count', '?')} unexpected{share}"
+    return ""
+
+
+def _examples_html(result: dict[str, Any]) -> str:
     e = html.escape
+    counts = result.get("partial_unexpected_counts") or []
+    if counts:
+        items = [f"<li><code>{e(_show(c.get('value')))}</code> × {e(str(c.get('count')))}</li>"
+                 for c in counts[:_MAX_EXAMPLES]]
+    else:
+        items = [f"<li><code>{e(_show(v))}</code></li>"
+                 for v in (result.get("partial_unexpected_list") or [])[:_MAX_EXAMPLES]]
+    return f"<ul class='examples'>{''.join(items)}</ul>" if items else ""
+
+
+def render_html(report: QualityReport) -> str:
+    """A self-contained HTML page of the report: no script, no external assets, data escaped.
+
+    Besides the verdict, failures and statistics, each expectation's row shows its rule, what GX
+    observed, how many values were unexpected and up to five of them (a value GX saw, such as a
+    label outside data.allowed_labels, is data: it is escaped like everything else).
+    """
+    e = html.escape  # quote=True: safe inside attribute values too
     colour = "#1a7f37" if report.success else "#cf222e"
     items = "".join(f"<li class='fail'>{e(m)}</li>" for m in report.failures)
     items += "".join(f"<li class='warn'>{e(m)}</li>" for m in report.warnings)
@@ -549,13 +618,24 @@ def render_html(report: QualityReport) -> str:
         if k != "images_per_class"
     )
     per_class = report.statistics.get("images_per_class", {})
-    class_rows = "".join(f"<tr><td>{e(k)}</td><td>{v}</td></tr>" for k, v in per_class.items())
-    check_rows = "".join(
-        f"<tr><td>{e(c['check'])}</td><td>{e(c['expectation'])}</td><td>{e(c['frame'])}</td>"
-        f"<td>{e(c['severity'])}</td><td class='{'ok' if c['success'] else c['severity']}'>"
-        f"{'pass' if c['success'] else 'FAIL'}</td></tr>"
-        for c in report.result.get("checks", [])
-    )
+    class_rows = "".join(f"<tr><td>{e(str(k))}</td><td>{e(str(v))}</td></tr>" for k, v in per_class.items())
+    details = _expectation_details(report.result)
+    check_rows = []
+    for c in report.result.get("checks", []):
+        found = details.get(str(c["check"]), {})
+        result, exception = found.get("result") or {}, found.get("exception") or {}
+        column = (found.get("kwargs") or {}).get("column")
+        observed = e(_observed_text(result))
+        if exception.get("raised_exception"):
+            observed = f"could not run: {e(_show(exception.get('exception_message') or ''))}"
+        outcome = "ok" if c["success"] else str(c["severity"])
+        check_rows.append(
+            f"<tr><td>{e(str(c['check']))}</td><td>{e(str(c['expectation']))}</td>"
+            f"<td>{e(str(c['frame']))}{'.' + e(str(column)) if column else ''}</td>"
+            f"<td>{e(_rule_text(found.get('kwargs') or {}))}</td><td>{observed}</td>"
+            f"<td>{_examples_html(result)}</td><td>{e(str(c['severity']))}</td>"
+            f"<td class='{e(outcome)}'>{'pass' if c['success'] else 'FAIL'}</td></tr>"
+        )
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>Data quality report</title>
 <style>
@@ -563,13 +643,15 @@ body {{ font-family: system-ui, sans-serif; margin: 2em; color: #1f2328; }}
 h1 span {{ color: {colour}; }} table {{ border-collapse: collapse; margin-bottom: 1.5em; }}
 th, td {{ border: 1px solid #d0d7de; padding: 4px 8px; text-align: left; vertical-align: top; }}
 li.fail, td.failing {{ color: #cf222e; }} li.warn, td.warning {{ color: #9a6700; }}
-td.ok {{ color: #1a7f37; }}
+td.ok {{ color: #1a7f37; }} ul.examples {{ margin: 0; padding-left: 1.2em; }}
+td {{ overflow-wrap: anywhere; max-width: 28em; }}
 </style></head><body>
 <h1>Data quality: <span>{"PASSED" if report.success else "FAILED"}</span></h1>
 <p>{len(report.failures)} failure(s), {len(report.warnings)} warning(s).</p>
 <ul>{items}</ul>
 <h2>Expectations</h2>
-<table><tr><th>check</th><th>expectation</th><th>data</th><th>severity</th><th>result</th></tr>{check_rows}</table>
+<table><tr><th>check</th><th>expectation</th><th>data</th><th>rule</th><th>observed</th>
+<th>unexpected examples</th><th>severity</th><th>result</th></tr>{"".join(check_rows)}</table>
 <h2>Statistics</h2><table>{stats_rows}</table>
 <h2>Ok images per class</h2><table><tr><th>class</th><th>images</th></tr>{class_rows}</table>
 </body></html>

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import logging
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +26,15 @@ TEXTURES = ("striped", "dotted", "checkered", "solid")
 MAX_CLASSES = len(SHAPES) * len(TEXTURES)
 LAYOUTS = ("kaggle", "folders")
 JPEG_QUALITY = 90
+DEFAULT_CLASSES = 4
 
 
 def class_names(classes: int) -> list[str]:
     """The first `classes` class names, ordered so that small counts differ in shape and texture."""
+    return _generated_names(classes)
+
+
+def _generated_names(classes: int) -> list[str]:
     if not 2 <= classes <= MAX_CLASSES:
         raise ConfigError(f"classes must be in [2, {MAX_CLASSES}], got {classes}")
     names = []
@@ -43,28 +49,39 @@ def class_names(classes: int) -> list[str]:
 def make_sample_dataset(
     dest: Path,
     *,
-    classes: int = 4,
+    classes: int | None = None,
     per_class: int = 60,
     size: int = 96,
     seed: int = 0,
     layout: str = "kaggle",
+    class_names: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Write a synthetic JPEG dataset under `dest`.
 
     Args:
         dest: Folder to write into (created; existing files with the same names are replaced).
-        classes: Number of classes, 2 to 24.
+        classes: Number of classes, 2 to 24 (None: 4, or as many as `class_names`).
         per_class: Labelled images per class.
         size: Image side in pixels (>= 16).
         seed: Everything (ids, pixels) is a function of the seed.
         layout: "kaggle" (labels.csv + train/<id>.jpg + test/ + sample_submission.csv) or
             "folders" (<class>/<n>.jpg).
+        class_names: Labels to write instead of the generated ``striped_circle``-style names, one
+            per class (their number is the number of classes; `classes`, if given, must agree).
+            Images are drawn exactly as for the generated names; only the labels differ. Any text
+            is allowed in the Kaggle layout (it is CSV-quoted), e.g. ``<script>``, ``a/b`` or
+            ``perro español``, to test what the product does with hostile labels; the folders layout
+            needs names usable as one folder name.
 
     Returns:
         {"dest", "layout", "classes", "n_images"} where n_images counts labelled images.
     """
     import cv2
 
+    if class_names is not None:
+        classes = _check_custom_names(class_names, classes, layout)
+    elif classes is None:
+        classes = DEFAULT_CLASSES
     if classes < 2:
         raise ConfigError(f"classes must be >= 2, got {classes}")
     if per_class < 1:
@@ -73,7 +90,9 @@ def make_sample_dataset(
         raise ConfigError(f"size must be >= 16 pixels, got {size}")
     if layout not in LAYOUTS:
         raise ConfigError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    names = class_names(classes)
+    # The generated names say which shape and texture each class is drawn with.
+    drawn = _generated_names(classes)
+    names = list(class_names) if class_names is not None else drawn
     dest = Path(dest)
     rng = np.random.default_rng(seed)
     # Labels in a shuffled but seed-determined order, like a real export.
@@ -83,7 +102,7 @@ def make_sample_dataset(
 
     def write(path: Path, label: int) -> None:
         hue = 180.0 * label / classes
-        image = render(rng, label % len(SHAPES), TEXTURES.index(names[label].split("_")[0]), size, hue)
+        image = render(rng, label % len(SHAPES), TEXTURES.index(drawn[label].split("_")[0]), size, hue)
         ok, buf = cv2.imencode(".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR), encode)
         if not ok:  # pragma: no cover - cv2 always encodes uint8 RGB
             raise RuntimeError(f"cv2 could not encode {path}")
@@ -124,6 +143,28 @@ def make_sample_dataset(
         dest,
     )
     return {"dest": str(dest), "layout": layout, "classes": names, "n_images": int(len(labels))}
+
+
+def _check_custom_names(names: Sequence[str], classes: int | None, layout: str) -> int:
+    """The number of classes `names` make; ConfigError naming the offending name otherwise."""
+    if isinstance(names, str) or not all(isinstance(n, str) for n in names):
+        raise ConfigError(f"class_names must be a list of strings, got {names!r}")
+    names = list(names)
+    if classes is not None and classes != len(names):
+        raise ConfigError(f"class_names has {len(names)} names but classes={classes}")
+    if not 2 <= len(names) <= MAX_CLASSES:
+        raise ConfigError(f"class_names must hold 2 to {MAX_CLASSES} names, got {len(names)}")
+    for name in names:
+        # layouts.py strips label cells: a padded or empty name would not come back as written.
+        if not name or name != name.strip():
+            raise ConfigError(f"class name {name!r} is empty or has leading/trailing whitespace")
+        if layout == "folders" and (name in (".", "..") or any(c in name for c in "/\\\0")):
+            raise ConfigError(f"class name {name!r} cannot be a folder name (layout 'folders'); "
+                              "use layout 'kaggle'")
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ConfigError(f"class_names repeats {duplicates}")
+    return len(names)
 
 
 def _unique_hex_ids(rng: np.random.Generator, n: int, exclude: set[str] | None = None) -> list[str]:

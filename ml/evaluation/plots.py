@@ -3,6 +3,12 @@
 Matplotlib is imported inside each function and used through `Figure` + the Agg canvas, not
 pyplot: no global figure state, no GUI backend, safe in a Celery worker thread. Every PNG is
 written to a temporary name and renamed into place.
+
+Class names, candidate names, versions, titles and CSV column names come from users' data, so
+every Text they reach is drawn literally (`LITERAL`: no mathtext, no TeX). Otherwise a class
+called ``x_{$^$}`` is parsed as mathtext and raises ValueError deep in matplotlib (which Airflow
+then retries as if transient), and ``$\\alpha$`` would be drawn as a Greek letter. Text that
+matplotlib writes itself (tick formatters' ``$\\mathdefault{10^{-3}}$`` on log axes) keeps mathtext.
 """
 
 from __future__ import annotations
@@ -31,6 +37,14 @@ MAX_LABELLED_CLASSES = 40
 MAX_ANNOTATED_CLASSES = 15
 _DPI = 100
 _TICK_LABEL_CHARS = 24
+# At ~0.5 em a character, 100 characters of 11-12 pt title are ~8 in wide: about the narrowest
+# figure (the 7.5 in confusion matrix). Longer titles are cut with "…".
+_TITLE_CHARS = 100
+# Bar annotations ("0.812 (over budget)", 8 pt): 40 characters are ~2.2 in, which fits right of
+# the bars of an 8 in wide figure.
+_STATUS_CHARS = 40
+# Text properties for every string that may come from data: drawn as typed.
+LITERAL: dict[str, Any] = {"parse_math": False, "usetex": False}
 
 
 def _new_figure(width: float, height: float) -> Figure:
@@ -44,7 +58,12 @@ def _new_figure(width: float, height: float) -> Figure:
 
 def _save_png(fig: Figure, path: str | Path) -> Path:
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=_DPI)
+    try:
+        fig.tight_layout()
+        fig.savefig(buffer, format="png", dpi=_DPI)
+    except ValueError as exc:
+        # Drawing the same data again fails the same way: a DataError, never retried.
+        raise DataError(f"matplotlib could not draw {path}: {exc}") from exc
     data = buffer.getvalue()
     if not data:
         raise DataError(f"matplotlib produced an empty PNG for {path}")
@@ -53,8 +72,16 @@ def _save_png(fig: Figure, path: str | Path) -> Path:
     return out
 
 
-def _short(label: str) -> str:
-    return label if len(label) <= _TICK_LABEL_CHARS else label[: _TICK_LABEL_CHARS - 1] + "…"
+def _short(label: str, limit: int = _TICK_LABEL_CHARS) -> str:
+    return label if len(label) <= limit else label[: limit - 1] + "…"
+
+
+def _literal_legend(ax: Any, **kwargs: Any) -> None:
+    """`ax.legend` whose entries (labels from data) are drawn literally."""
+    legend = ax.legend(**kwargs)
+    for text in legend.get_texts():
+        text.set_parse_math(False)
+        text.set_usetex(False)
 
 
 def plot_confusion(
@@ -69,7 +96,7 @@ def plot_confusion(
 
     Args:
         confusion: K x K counts.
-        labels: the K class names.
+        labels: the K class names (drawn literally).
         path: where to write the PNG.
         normalize: colour by row fraction (recall per true class) instead of raw counts, so
             rare classes are as visible as common ones.
@@ -78,6 +105,17 @@ def plot_confusion(
     Figure size grows with K; beyond `MAX_LABELLED_CLASSES` classes the axes show class
     indices every few classes instead of names.
     """
+    return _save_png(confusion_figure(confusion, labels, normalize=normalize, title=title), path)
+
+
+def confusion_figure(
+    confusion: Sequence[Sequence[int]] | np.ndarray,
+    labels: Sequence[str],
+    *,
+    normalize: bool = True,
+    title: str | None = None,
+) -> Figure:
+    """The figure `plot_confusion` saves (same arguments but the path)."""
     matrix = np.asarray(confusion, dtype=np.float64)
     n_classes = len(labels)
     if matrix.ndim != 2 or matrix.shape != (n_classes, n_classes):
@@ -103,8 +141,8 @@ def plot_confusion(
     if n_classes <= MAX_LABELLED_CLASSES:
         font = 9 if n_classes <= 15 else 7 if n_classes <= 25 else 5.5
         names = [_short(str(label)) for label in labels]
-        ax.set_xticks(range(n_classes), names, rotation=90, fontsize=font)
-        ax.set_yticks(range(n_classes), names, fontsize=font)
+        ax.set_xticks(range(n_classes), names, rotation=90, fontsize=font, **LITERAL)
+        ax.set_yticks(range(n_classes), names, fontsize=font, **LITERAL)
         ax.set_xlabel("predicted class")
         ax.set_ylabel("true class")
     else:
@@ -123,11 +161,10 @@ def plot_confusion(
                 ax.text(j, i, text, ha="center", va="center", fontsize=8,
                         color="white" if values[i, j] > threshold else "black")
 
-    heading = title or "Confusion matrix"
+    heading = _short(str(title), _TITLE_CHARS) if title else "Confusion matrix"
     ax.set_title(f"{heading}\naccuracy {accuracy:.1%} on {int(total)} images, {n_classes} classes"
-                 + (" (row-normalised)" if normalize else ""), fontsize=11)
-    fig.tight_layout()
-    return _save_png(fig, path)
+                 + (" (row-normalised)" if normalize else ""), fontsize=11, **LITERAL)
+    return fig
 
 
 def _read_history(history_csv: Path) -> Any:
@@ -150,7 +187,13 @@ def plot_learning_curves(history_csv: str | Path, path: str | Path, title: str) 
     Columns used when present: ``epoch``, ``loss``, ``val_loss``, ``accuracy``,
     ``val_accuracy``, ``learning_rate`` (``lr`` in older Keras); missing ones are skipped, and
     an empty history still gives a figure saying so. The best validation epoch is marked.
+    `title` (usually the candidate's name) is drawn literally.
     """
+    return _save_png(learning_curves_figure(history_csv, title), path)
+
+
+def learning_curves_figure(history_csv: str | Path, title: str) -> Figure:
+    """The figure `plot_learning_curves` saves."""
     import pandas as pd
     from matplotlib.ticker import MaxNLocator
 
@@ -193,7 +236,7 @@ def plot_learning_curves(history_csv: str | Path, path: str | Path, title: str) 
             ax.axvline(best_epoch, color="grey", linewidth=0.8, linestyle=":",
                        label=f"best val loss (epoch {best_epoch:g})")
         if drawn:
-            ax.legend(fontsize=8)
+            _literal_legend(ax, fontsize=8)
         else:
             ax.text(0.5, 0.5, f"no {name} recorded", ha="center", va="center", transform=ax.transAxes)
         ax.set_xlabel("epoch")
@@ -201,9 +244,9 @@ def plot_learning_curves(history_csv: str | Path, path: str | Path, title: str) 
         ax.set_ylabel(ylabel)
         ax.set_title(name)
         ax.grid(True, alpha=0.3)
-    fig.suptitle(title if len(frame) else f"{title} (empty history)")
-    fig.tight_layout()
-    return _save_png(fig, path)
+    heading = _short(str(title), _TITLE_CHARS)
+    fig.suptitle(heading if len(frame) else f"{heading} (empty history)", **LITERAL)
+    return fig
 
 
 def plot_leaderboard(
@@ -217,8 +260,18 @@ def plot_leaderboard(
 
     Failed candidates are listed with no bar, candidates over budget are drawn hatched, the
     production model's score on the same split is a vertical line, and chance (1/K) a dotted
-    one when rows carry ``chance_accuracy``.
+    one when rows carry ``chance_accuracy``. Names, statuses and versions are drawn literally.
     """
+    return _save_png(leaderboard_figure(rows, production=production, metric=metric), path)
+
+
+def leaderboard_figure(
+    rows: Sequence[dict],
+    *,
+    production: dict | None = None,
+    metric: str = "accuracy",
+) -> Figure:
+    """The figure `plot_leaderboard` saves."""
     if not rows:
         raise DataError("plot_leaderboard needs at least one leaderboard row")
     names = [str(row.get("candidate", "?")) for row in rows]
@@ -235,15 +288,15 @@ def plot_leaderboard(
     finite = [v for v in values if math.isfinite(v)]
     scale_max = max(finite + [1e-9])
     for pos, row, value in zip(positions, rows, values, strict=True):
-        status = str(row.get("status", "ok"))
+        status = _short(str(row.get("status", "ok")), _STATUS_CHARS)
         if math.isfinite(value):
             ax.barh(pos, value, color=colours.get(status, "#3b75af"),
                     hatch="//" if status == "over budget" else None)
             suffix = "" if status == "ok" else f" ({status})"
-            ax.text(value + scale_max * 0.01, pos, f"{value:.3f}{suffix}", va="center", fontsize=8)
+            ax.text(value + scale_max * 0.01, pos, f"{value:.3f}{suffix}", va="center", fontsize=8, **LITERAL)
         else:
             ax.text(scale_max * 0.01, pos, status if status != "ok" else "no score", va="center",
-                    fontsize=8, color="#777777")
+                    fontsize=8, color="#777777", **LITERAL)
     prod_value = None
     if production:
         nested = production.get("metrics")
@@ -253,21 +306,22 @@ def plot_leaderboard(
             prod_value = float(candidate_value)
             version = production.get("version")
             ax.axvline(prod_value, color="#c0392b", linewidth=1.5,
-                       label=f"production{f' {version}' if version else ''}: {prod_value:.3f}")
+                       label=f"production{f' {_short(str(version), _STATUS_CHARS)}' if version else ''}: "
+                             f"{prod_value:.3f}")
     chance = next((row.get("chance_accuracy") for row in rows if row.get("chance_accuracy")), None)
     if metric in ("accuracy", "top5_accuracy") and chance:
         ax.axvline(float(chance), color="black", linewidth=0.8, linestyle=":",
                    label=f"chance: {float(chance):.3f}")
-    ax.set_yticks(positions, [_short(n) for n in names], fontsize=9)
+    ax.set_yticks(positions, [_short(n) for n in names], fontsize=9, **LITERAL)
     upper = max(finite + ([prod_value] if prod_value is not None else []) + [1e-9])
     if metric in ("accuracy", "top5_accuracy", "macro_f1"):
         ax.set_xlim(0.0, min(1.0, upper * 1.25) if upper < 0.8 else 1.08)
     else:
         ax.set_xlim(0.0, upper * 1.25)
-    ax.set_xlabel(metric.replace("_", " ") + (" (lower is better)" if metric in ("log_loss", "ece") else ""))
-    ax.set_title(f"Candidates by {metric.replace('_', ' ')} on the test split")
+    ax.set_xlabel(metric.replace("_", " ") + (" (lower is better)" if metric in ("log_loss", "ece") else ""),
+                  **LITERAL)
+    ax.set_title(f"Candidates by {metric.replace('_', ' ')} on the test split", **LITERAL)
     if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8, loc="best")
+        _literal_legend(ax, fontsize=8, loc="best")
     ax.grid(True, axis="x", alpha=0.3)
-    fig.tight_layout()
-    return _save_png(fig, path)
+    return fig

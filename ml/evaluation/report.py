@@ -107,6 +107,22 @@ def redact(config: Any) -> Any:
     return config
 
 
+def relative_link(link: str) -> str | None:
+    """`link` percent-encoded for an href/src, or None unless it is a plain relative path.
+
+    The report sits in the run folder and links only inside it: no scheme (``https:``,
+    ``javascript:``, ``data:``), no host (``//cdn``, ``\\\\host``), no absolute path, no ``.``/``..``
+    segment, no control character. ``:``, ``?``, ``#`` and ``%`` inside names are percent-encoded,
+    so they stay part of the file name.
+    """
+    parts = link.split("/")
+    if not link or "\\" in link or link.startswith("/") or any(p in ("", ".", "..") for p in parts):
+        return None
+    if ":" in parts[0] or any(ord(c) < 0x20 or c == "\x7f" for c in link):
+        return None
+    return quote(link, safe="/")
+
+
 def _candidate_images(row: Mapping[str, Any]) -> dict[str, str]:
     """Relative links to a candidate's figures; a row may override them with ``images``."""
     if str(row.get("status", "ok")) == "failed":
@@ -116,7 +132,12 @@ def _candidate_images(row: Mapping[str, Any]) -> dict[str, str]:
         return {}
     given = row.get("images") if isinstance(row.get("images"), Mapping) else {}
     links = {kind: f"{name}/{filename}" for kind, filename in CANDIDATE_IMAGES.items()}
-    links.update({str(k): str(v) for k, v in given.items()})
+    for kind, link in given.items():
+        if relative_link(str(link)) is None:
+            log.warning("run report: dropping figure link %r of candidate %r: not a relative path "
+                        "inside the run folder", link, name)
+            continue
+        links[str(kind)] = str(link)
     return links
 
 
@@ -321,17 +342,19 @@ def render_run_report_html(report: Mapping[str, Any]) -> str:
         headline = "<strong>No eligible candidate.</strong>"
     figures = []
     for row in rows:
-        images = row.get("images") or {}
-        if not images:
+        images = row.get("images") if isinstance(row.get("images"), Mapping) else {}
+        # Checked again here: a report.json read back from the store may not come from build_run_report.
+        safe = [(kind, link, url) for kind, link in images.items()
+                if (url := relative_link(str(link))) is not None]
+        if not safe:
             continue
         cells = "".join(
-            # quote() also defuses "javascript:" links: only relative paths are meant here.
-            f"<figure><a href=\"{esc(quote(str(link)))}\"><img src=\"{esc(quote(str(link)))}\" "
-            f"alt=\"{esc(row['candidate'])} {esc(kind)}\" loading=\"lazy\"></a>"
-            f"<figcaption>{esc(kind)}: <a href=\"{esc(quote(str(link)))}\">{esc(link)}</a>"
+            f"<figure><a href=\"{esc(url)}\"><img src=\"{esc(url)}\" "
+            f"alt=\"{esc(row.get('candidate'))} {esc(kind)}\" loading=\"lazy\"></a>"
+            f"<figcaption>{esc(kind)}: <a href=\"{esc(url)}\">{esc(link)}</a>"
             "</figcaption></figure>"
-            for kind, link in images.items())
-        figures.append(f"<h3>{esc(row['candidate'])}</h3><div class=\"figures\">{cells}</div>")
+            for kind, link, url in safe)
+        figures.append(f"<h3>{esc(row.get('candidate'))}</h3><div class=\"figures\">{cells}</div>")
     body = [
         f"<h1>Run report: {esc(report.get('run_id'))}</h1>",
         f"<p>{headline}. {esc(summary.get('n_candidates'))} candidate(s), "

@@ -51,7 +51,7 @@ def test_good_dataset_passes_and_writes_reports(good_report: tuple[QualityReport
     assert report.statistics["near_duplicates_across_train_test"] == 0
     assert json.loads((out / "quality.json").read_text())["success"] is True
     assert "PASSED" in (out / "quality.html").read_text()
-    assert (out / "quality_gx.html").stat().st_size > 1000
+    assert sorted(p.name for p in out.iterdir()) == ["quality.html", "quality.json"]  # no GX Data Docs page
     assert report.result["suites"]["per_class"]["success"] is True
     report.raise_for_failures()  # does not raise
 
