@@ -75,7 +75,8 @@ STORE_UNAVAILABLE = "the model registry's object store is unavailable; the api-s
 MAX_INLINE_IMAGE_BYTES = 5 * 2**20
 MAX_INLINE_PAGE_BYTES = 40 * 2**20
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-_IMG_SRC = re.compile(r"""(<img\b[^>]*?\ssrc\s*=\s*)(["'])([^"'<>]*)\2""", re.IGNORECASE)
+# An <img src=...> or <a href=...> attribute (quoted, as every HTML writer here quotes them).
+_PNG_REF = re.compile(r"""(<(img|a)\b[^>]*?\s(src|href)\s*=\s*)(["'])([^"'<>]*)\4""", re.IGNORECASE)
 _SAFE_FILENAME = re.compile(r"[^A-Za-z0-9._-]")
 
 
@@ -99,7 +100,10 @@ def _store() -> tuple[ObjectStore, str]:
 
 
 def inline_images(page: str, page_path: str, read: Callable[[str], tuple[bytes, str]]) -> str:
-    """Replace a stored HTML page's relative `<img src>` PNGs by data: URIs.
+    """Embed the PNGs a stored HTML page references by relative path (`<img src>`, `<a href>`) as data: URIs.
+
+    A stored page is served sandboxed: its own requests and in-frame navigations carry no
+    Airflow cookie, so a relative image or link to another artifact would only meet the login.
 
     Args:
         page: the HTML text as stored.
@@ -109,13 +113,30 @@ def inline_images(page: str, page_path: str, read: Callable[[str], tuple[bytes, 
 
     Returns:
         The page with every resolvable PNG embedded; other references are left as they are
-        (the artifact CSP blocks them from loading).
+        (the artifact CSP stops them loading).
     """
     base = posixpath.dirname(page_path)
     budget = [MAX_INLINE_PAGE_BYTES]
+    embedded: dict[str, str | None] = {}
+
+    def data_uri(target: str) -> str | None:
+        if target not in embedded:
+            embedded[target] = None
+            try:
+                body, _ = read(target)
+            except (PermissionError, LookupError) as exc:
+                log.info("model registry: %s: image %s not embedded: %s", page_path, target, exc)
+                return None
+            if not body.startswith(_PNG_SIGNATURE) or len(body) > min(MAX_INLINE_IMAGE_BYTES, budget[0]):
+                log.warning("model registry: %s: image %s not embedded (%d bytes, PNG signature %s)",
+                            page_path, target, len(body), body.startswith(_PNG_SIGNATURE))
+                return None
+            budget[0] -= len(body)
+            embedded[target] = "data:image/png;base64," + base64.b64encode(body).decode()
+        return embedded[target]
 
     def embed(match: re.Match[str]) -> str:
-        ref = unquote(html.unescape(match.group(3)).strip())
+        ref = unquote(html.unescape(match.group(5)).strip())
         # Only relative paths: no scheme (http:, data:, javascript:), no absolute or
         # protocol-relative URL, no fragment, no query.
         if not ref or ref.startswith(("/", "\\", "#")) or ":" in ref.split("/", 1)[0] or "?" in ref:
@@ -123,20 +144,12 @@ def inline_images(page: str, page_path: str, read: Callable[[str], tuple[bytes, 
         target = posixpath.normpath(posixpath.join(base, ref))
         if target.startswith("../") or not target.lower().endswith(".png"):
             return match.group(0)
-        try:
-            body, _ = read(target)
-        except (PermissionError, LookupError) as exc:
-            log.info("model registry: %s: image %s not embedded: %s", page_path, target, exc)
+        uri = data_uri(target)
+        if uri is None:
             return match.group(0)
-        if not body.startswith(_PNG_SIGNATURE) or len(body) > min(MAX_INLINE_IMAGE_BYTES, budget[0]):
-            log.warning("model registry: %s: image %s not embedded (%d bytes, PNG signature %s)",
-                        page_path, target, len(body), body.startswith(_PNG_SIGNATURE))
-            return match.group(0)
-        budget[0] -= len(body)
-        quote_char = match.group(2)
-        return f"{match.group(1)}{quote_char}data:image/png;base64,{base64.b64encode(body).decode()}{quote_char}"
+        return f"{match.group(1)}{match.group(4)}{uri}{match.group(4)}"
 
-    return _IMG_SRC.sub(embed, page)
+    return _PNG_REF.sub(embed, page)
 
 
 def create_app() -> FastAPI:
