@@ -40,7 +40,7 @@ MODEL = "image-classifier"
 VERSION = "20261123T170000Z-abc123"
 RUN_ID = "manual__r1"
 # Data the registry holds; none of it may reach an anonymous caller.
-PRIVATE_MARKERS = (VERSION, RUN_ID, "0.8125", "scratch_small")
+PRIVATE_MARKERS = (VERSION, RUN_ID, "0.8173", "scratch_small")
 # A label as a hostile dataset could carry it; stored pages contain it unescaped on purpose.
 HOSTILE_LABEL = "<script>document.title='pwned';document.body.setAttribute('data-pwned','1')</script>"
 CHROMIUM = Path("/usr/bin/chromium")
@@ -186,19 +186,19 @@ def publish_registry(store: Any) -> None:
             (Path(tmp) / name).write_bytes(body)
             files[name] = Path(tmp) / name
         publish_version(store, MODEL, VERSION, files, {"candidate": "scratch_small", "run_id": RUN_ID,
-                                                       "metrics": {"accuracy": 0.8125, "log_loss": 0.5}})
+                                                       "metrics": {"accuracy": 0.8173, "log_loss": 0.5}})
     swap_pointer(store, MODEL, make_pointer(store, MODEL, VERSION, candidate="scratch_small"), expected_etag=None)
     append_promotion_log(store, MODEL, {"action": "promote", "version": VERSION, "from": None, "to": VERSION,
-                                        "run_id": RUN_ID, "reasons": ["first model: accuracy 0.812 > chance"]})
+                                        "run_id": RUN_ID, "reasons": ["first model: accuracy 0.817 > chance"]})
     report = {"run_id": RUN_ID, "decision": {"promoted": True, "version": VERSION,
-                                             "reasons": ["first model: accuracy 0.812 > chance"]},
-              "leaderboard": [{"rank": 1, "candidate": "scratch_small", "accuracy": 0.8125},
+                                             "reasons": ["first model: accuracy 0.817 > chance"]},
+              "leaderboard": [{"rank": 1, "candidate": "scratch_small", "accuracy": 0.8173},
                               {"rank": 2, "candidate": "transfer_mobilenet_v2", "accuracy": 0.5}]}
     runs = f"{MODEL}/runs/{RUN_ID}"
     store.put_json(f"{runs}/report.json", report)
     store.put_bytes(f"{runs}/scratch_small/curves.png", _png(64, 48, (200, 30, 30)))
     store.put_bytes(f"{runs}/scratch_small/confusion.png", _png(40, 40, (30, 30, 200)))
-    store.put_bytes(f"{runs}/scratch_small/metrics.json", b'{"accuracy": 0.8125}')
+    store.put_bytes(f"{runs}/scratch_small/metrics.json", b'{"accuracy": 0.8173}')
     store.put_bytes(f"{runs}/scratch_small/confusion.csv", b"true,predicted,count\ncat,dog,1\n")
     # The run report as ml.evaluation.report writes it: figures linked by relative path.
     store.put_bytes(f"{runs}/report.html", (
@@ -298,6 +298,7 @@ def browser_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callab
                      "--window-size=1400,1000"):
             options.add_argument(flag)
         options.add_argument(f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}")
+        options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # CSP/sandbox reports in the console
         driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
         driver.set_page_load_timeout(60)
         started.append(driver)

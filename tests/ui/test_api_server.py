@@ -61,7 +61,7 @@ def test_a_logged_in_user_sees_every_route(ui_server):
         response = ui_server.request("GET", url, token=ui_server.token())
         assert response.status == 200, (url, response.status, response.text[:300])
     overview = ui_server.request("GET", "/model-registry/", token=ui_server.token())
-    assert VERSION in overview.text and "0.812" in overview.text
+    assert VERSION in overview.text and "0.817" in overview.text
     # The UI's own session cookie works as well as a Bearer token.
     with_cookie = ui_server.request("GET", "/model-registry/api/summary", cookie=f"_token={ui_server.token()}")
     assert with_cookie.status == 200 and VERSION in with_cookie.text
