@@ -127,6 +127,7 @@ def test_every_response_carries_the_security_headers(registry, client, store):
         response = client.get(url)
         assert response.headers["x-content-type-options"] == "nosniff", url
         assert response.headers["referrer-policy"] == "no-referrer", url
+        assert response.headers["cache-control"] == "no-store", url
         csp = response.headers["content-security-policy"]
         assert "default-src 'none'" in csp and "script-src" not in csp, (url, csp)
         assert "frame-ancestors 'self'" in csp, (url, csp)
