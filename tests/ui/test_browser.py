@@ -17,10 +17,10 @@ DAG_ID = "image_classifier_retraining"
 WAIT_S = 30
 
 
-def _wait(driver: Any, condition: Any, timeout: float = WAIT_S) -> Any:
+def _wait(driver: Any, condition: Any, timeout: float = WAIT_S, message: str = "") -> Any:
     from selenium.webdriver.support.ui import WebDriverWait
 
-    return WebDriverWait(driver, timeout).until(condition)
+    return WebDriverWait(driver, timeout).until(condition, message)
 
 
 def _by(kind: str) -> Any:
@@ -165,7 +165,8 @@ def submit_trigger_form(driver: Any, form: Any) -> str:
     """Press the form's Trigger button; returns the id of the run the UI then shows."""
     button = [b for b in form.find_elements(_by("TAG_NAME"), "button") if b.text.strip() == "Trigger"][-1]
     driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", button)
-    _wait(driver, lambda d: button.is_enabled(), timeout=10)
+    _wait(driver, lambda d: button.is_enabled(), timeout=10,
+          message="the form's Trigger button stayed disabled (a required param without a value?)")
     button.click()
     _wait(driver, lambda d: f"/dags/{DAG_ID}/runs/" in d.current_url)
     return unquote(urlparse(driver.current_url).path.split(f"/dags/{DAG_ID}/runs/", 1)[1].split("/")[0])
