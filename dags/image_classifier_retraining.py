@@ -68,7 +68,9 @@ DEFAULT_ARGS: dict[str, Any] = {
 # Empty (null) params keep the deployment's config file (config/pipeline.yaml or ML_CONFIG), so
 # scheduled runs do what the file says; a value set in the trigger form overrides it for one run.
 PARAMS = {
-    "source": Param("", type="string", title="Dataset source",
+    # Nullable like the others: a required "string" with default "" blocks the trigger form (the UI
+    # flags the empty required field and keeps the Trigger button disabled).
+    "source": Param(None, type=["null", "string"], title="Dataset source",
                     description="kaggle:competitions/<slug>, kaggle:datasets/<owner>/<slug>, s3://bucket/prefix, "
                                 "a .zip or a folder. Empty: data.source from the config file."),
     "candidates": Param(None, type=["null", "array"], title="Candidates",

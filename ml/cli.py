@@ -268,6 +268,22 @@ def cmd_retention(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ensure_bucket(args: argparse.Namespace) -> int:
+    """Create the configured bucket unless it exists (idempotent); print its URI.
+
+    Credentials come from the environment only (`AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY`), so a
+    deployment's init step passes no secret on a command line.
+    """
+    config = _config(args)
+    store = open_store(config)
+    try:
+        store.ensure_bucket()
+    except StorageError as exc:
+        raise StorageError(f"cannot create or reach bucket {config.storage.bucket!r}: {exc}") from None
+    print(store.uri(""))
+    return 0
+
+
 def _predictor(model: str, config: PipelineConfig):
     from ml.registry.layout import check_version
     from ml.serving.predictor import load_local, load_production, load_version
@@ -385,6 +401,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prune-versions", action="store_true",
                    help="also delete versions never in production (older than a day)")
     p.set_defaults(func=cmd_retention)
+
+    p = sub.add_parser("ensure-bucket", help="create the configured bucket unless it exists; print its URI "
+                                             "(credentials from AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY)")
+    p.set_defaults(func=cmd_ensure_bucket)
 
     p = sub.add_parser("predict", help="top-k labels for images")
     p.add_argument("--model", default="production", help="production, a version id, or a model.keras path")
