@@ -11,7 +11,7 @@ import html
 import json
 from typing import TYPE_CHECKING, Any
 
-from ml.errors import StorageError
+from ml.errors import MissingObjectError
 
 if TYPE_CHECKING:
     from ml.registry.store import ObjectStore
@@ -138,7 +138,7 @@ def render_run(store: ObjectStore, model_name: str, run_segment: str, *, base_ur
     prefix = f"runs/{run_segment}"
     try:
         report = store.get_json(f"{model_name}/{prefix}/report.json")
-    except StorageError:
+    except MissingObjectError:  # a store that is down is not "no report": the caller says 502
         return _page("run not found", f"<h1>No report for run {_e(run_id)}</h1><p><a href='{base_url}/'>back</a></p>")
     decision = report.get("decision") or {}
     verdict = ("<b class='ok'>promoted</b> " + _e(decision.get("version"))) if decision.get("promoted") \

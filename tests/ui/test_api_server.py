@@ -96,7 +96,7 @@ def test_store_down_is_a_502_that_names_no_endpoint(ui_server):
     token = ui_server.token()
     ui_server.switch.down = True
     try:
-        for url in ("/model-registry/", "/model-registry/api/summary",
+        for url in ("/model-registry/", "/model-registry/api/summary", f"/model-registry/runs/{RUN_ID}",
                     f"/model-registry/artifact/runs/{RUN_ID}/report.html"):
             response = ui_server.request("GET", url, token=token)
             assert response.status == 502, (url, response.status, response.text[:300])
