@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ml.data.layouts import detect_layout, find_dataset_root, find_unlabelled, list_labelled_images
-from ml.data.manifest import OK, build_manifest, dataset_hash, near_duplicate_pairs
+from ml.data.manifest import OK, build_manifest, dataset_hash, near_duplicate_groups
 from ml.data.sources import materialise, parse_source
 from ml.data.splits import assign_splits, split_counts
 from ml.errors import DataError
@@ -167,6 +167,7 @@ def _ingest_into(
     manifest = build_manifest(staged, tmp, max_pixels=config.max_image_pixels)
     manifest = assign_splits(manifest, **_split_config(config))
     digest = dataset_hash(manifest)
+    near = near_duplicate_groups(manifest)
     ok = manifest[manifest["status"] == OK]
     if ok.empty:
         statuses = manifest["status"].value_counts().to_dict()
@@ -187,7 +188,8 @@ def _ingest_into(
             "split_config": _split_config(config),
             "splits": split_counts(manifest),
             "status_counts": {str(k): int(v) for k, v in manifest["status"].value_counts().items()},
-            "near_duplicate_pairs": len(near_duplicate_pairs(manifest)),
+            "near_duplicate_groups": near.n_groups,
+            "near_duplicate_images": near.n_images,
             "n_unlabelled": len(unlabelled),
             "n_problems": len(problems),
             "problems": problems[:MAX_PROBLEMS_KEPT],
