@@ -126,13 +126,51 @@ def check_name(
 def safe_member_path(
     name: str,
     *,
+    what: str = "archive entry",
     max_bytes: int = DEFAULT_MAX_NAME_BYTES,
     max_depth: int = DEFAULT_MAX_NAME_DEPTH,
     max_part_bytes: int = DEFAULT_MAX_NAME_PART_BYTES,
 ) -> PurePosixPath:
     """The relative path an entry name stands for, or UnsafeArchiveError naming it (see `check_name`)."""
-    parts = check_name(name, max_bytes=max_bytes, max_depth=max_depth, max_part_bytes=max_part_bytes)
+    parts = check_name(name, what=what, max_bytes=max_bytes, max_depth=max_depth, max_part_bytes=max_part_bytes)
     return PurePosixPath(*parts)
+
+
+class NameTree:
+    """The relative paths planned for one destination, refusing any two that cannot both exist.
+
+    Two names for one path (``a//b`` and ``a/b``, or "café" typed two ways: NFC-equal names are one
+    file on macOS and one label to a reader), and a file where a folder must go.
+    """
+
+    def __init__(self, what: str = "archive entry", where: str = "in the archive") -> None:
+        self.what, self.where = what, where
+        self.kinds: dict[str, str] = {}
+
+    def add(self, name: str, rel: PurePosixPath, kind: str) -> None:
+        """Record `rel` ("file" or "dir"), named `name` in the source; UnsafeArchiveError on a clash."""
+        key = unicodedata.normalize("NFC", str(rel))
+        if key in self.kinds and not (kind == "dir" and self.kinds[key] == "dir"):
+            raise UnsafeArchiveError(
+                f"{self.what} {shown_name(name)}: appears twice {self.where}"
+                + ("" if key == str(rel) else " (the same name after Unicode NFC normalisation)")
+            )
+        self.kinds[key] = kind
+
+    def check_parents(self) -> None:
+        """UnsafeArchiveError when a path's parent folder is a file entry.
+
+        String prefixes, not PurePosixPath.parents: linear in the (capped) name length per entry.
+        """
+        files = {k for k, v in self.kinds.items() if v == "file"}
+        for key in self.kinds:
+            cut = key.find("/")
+            while cut != -1:
+                if key[:cut] in files:
+                    raise UnsafeArchiveError(
+                        f"{self.what} {shown_name(key)}: its parent {shown_name(key[:cut])} is a file entry"
+                    )
+                cut = key.find("/", cut + 1)
 
 
 def _entry_kind(info: zipfile.ZipInfo) -> str:
@@ -296,7 +334,7 @@ def _plan(
             f"(first entry past the limit: {shown_name(infos[max_entries].filename)})"
         )
     plan = []
-    seen: dict[str, str] = {}
+    tree = NameTree()
     total = 0
     total_compressed = 0
     for info in infos:
@@ -308,14 +346,7 @@ def _plan(
             raise UnsafeArchiveError(
                 f"archive entry {shown_name(info.filename)}: encrypted entries are not supported"
             )
-        # NFC: "café" typed two ways is one file on macOS and one label to a reader.
-        key = unicodedata.normalize("NFC", str(rel))
-        if key in seen and not (kind == "dir" and seen[key] == "dir"):
-            raise UnsafeArchiveError(
-                f"archive entry {shown_name(info.filename)}: appears twice in the archive"
-                + ("" if key == str(rel) else " (the same name after Unicode NFC normalisation)")
-            )
-        seen[key] = kind
+        tree.add(info.filename, rel, kind)
         if kind == "file":
             total += info.file_size
             total_compressed += info.compress_size
@@ -332,16 +363,7 @@ def _plan(
                 )
         plan.append((info, rel, kind))
     # A file and a folder of the same name cannot both exist: refuse rather than fail half-way.
-    # String prefixes, not PurePosixPath.parents: linear in the (capped) name length per entry.
-    files = {k for k, v in seen.items() if v == "file"}
-    for key in seen:
-        cut = key.find("/")
-        while cut != -1:
-            if key[:cut] in files:
-                raise UnsafeArchiveError(
-                    f"archive entry {shown_name(key)}: its parent {shown_name(key[:cut])} is a file entry"
-                )
-            cut = key.find("/", cut + 1)
+    tree.check_parents()
     if total > RATIO_GRACE_BYTES and _ratio(total, total_compressed) > max_ratio:
         raise UnsafeArchiveError(
             f"{archive.name}: overall compression ratio {_ratio(total, total_compressed):.0f} "

@@ -402,24 +402,39 @@ class ObjectStore:
         """Whether `key` exists."""
         return self.head(key) is not None
 
-    def iter_keys(self, prefix: str = "", *, page_size: int = 1000) -> Iterator[str]:
-        """Every key under `prefix`, in S3's (lexicographic) order, across pages of `page_size`."""
+    def iter_objects(self, prefix: str = "", *, page_size: int = 1000) -> Iterator[dict[str, Any]]:
+        """{key, size, last_modified, etag} of every object under `prefix`, in S3's (lexicographic) order.
+
+        The listing carries sizes and times, so callers that need them (retention, source limits)
+        make no HEAD request per object.
+        """
         paginator = self._client.get_paginator("list_objects_v2")
         try:
             for page in paginator.paginate(
                 Bucket=self.bucket, Prefix=prefix, PaginationConfig={"PageSize": page_size}
             ):
                 for item in page.get("Contents", []):
-                    yield item["Key"]
+                    yield {"key": item["Key"], "size": int(item.get("Size", 0)),
+                           "last_modified": item.get("LastModified"), "etag": str(item.get("ETag", ""))}
         except self._boto_errors() as exc:
             self._fail(exc, "list", prefix)
+
+    def iter_keys(self, prefix: str = "", *, page_size: int = 1000) -> Iterator[str]:
+        """Every key under `prefix`, in S3's (lexicographic) order, across pages of `page_size`."""
+        for item in self.iter_objects(prefix, page_size=page_size):
+            yield item["key"]
 
     def list_keys(self, prefix: str = "", *, page_size: int = 1000) -> list[str]:
         """Every key under `prefix` (all pages), sorted."""
         return sorted(self.iter_keys(prefix, page_size=page_size))
 
-    def download_file(self, key: str, path: str | Path) -> Path:
-        """Stream `key` to `path` via a temporary file beside it, so `path` is never partial."""
+    def download_file(self, key: str, path: str | Path, *, max_bytes: int | None = None) -> Path:
+        """Stream `key` to `path` via a temporary file beside it, so `path` is never partial.
+
+        Args:
+            max_bytes: refuse (StorageError, nothing left behind) an object larger than this,
+                counted while streaming: a store cannot fill the disk past what the caller expects.
+        """
         dest = Path(path)
         dest.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
@@ -428,7 +443,14 @@ class ObjectStore:
                 try:
                     response = self._client.get_object(Bucket=self.bucket, Key=key)
                     body = response["Body"]
+                    written = 0
                     for chunk in iter(lambda: body.read(_CHUNK), b""):
+                        written += len(chunk)
+                        if max_bytes is not None and written > max_bytes:
+                            raise StorageError(
+                                f"{self.uri(key)} is larger than the {max_bytes} bytes expected of it; "
+                                "refusing to download more"
+                            )
                         out.write(chunk)
                 except self._boto_errors() as exc:
                     self._fail(exc, "download", key)

@@ -38,7 +38,7 @@ def zip_folder(folder: Path, archive: Path, *, prefix: str = "") -> Path:
 
 
 class FakeStore:
-    """The ObjectStore surface ingest uses: list_keys, download_file, for_bucket."""
+    """The ObjectStore surface ingest uses: iter_objects, head, download_file, for_bucket."""
 
     def __init__(self, bucket: str, objects: dict[str, Path]) -> None:
         self.bucket, self.objects, self.buckets = bucket, objects, {bucket: self}
@@ -46,10 +46,15 @@ class FakeStore:
     def for_bucket(self, name: str) -> FakeStore:
         return self.buckets[name]
 
-    def list_keys(self, prefix: str) -> list[str]:
-        return sorted(k for k in self.objects if k.startswith(prefix))
+    def iter_objects(self, prefix: str) -> list[dict[str, object]]:
+        keys = sorted(k for k in self.objects if k.startswith(prefix))
+        return [{"key": k, "size": self.objects[k].stat().st_size} for k in keys]
 
-    def download_file(self, key: str, path: Path) -> None:
+    def head(self, key: str) -> dict[str, object] | None:
+        return {"size": self.objects[key].stat().st_size} if key in self.objects else None
+
+    def download_file(self, key: str, path: Path, *, max_bytes: int | None = None) -> None:
+        assert max_bytes is not None and self.objects[key].stat().st_size <= max_bytes
         shutil.copyfile(self.objects[key], path)
 
 
