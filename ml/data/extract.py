@@ -56,7 +56,7 @@ _NAME_ERRNOS = frozenset({errno.ENAMETOOLONG, errno.EEXIST, errno.EILSEQ, errno.
 _DRIVE = re.compile(r"^[A-Za-z]:")
 # C0/C1 controls (NUL, newline, escape...) and the bidirectional overrides that make a name
 # display differently from what it is (CVE-2021-42574, "Trojan Source").
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+CONTROL_CHARACTERS = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
 
 
 def shown_name(name: str) -> str:
@@ -92,7 +92,7 @@ def check_name(
         raise UnsafeArchiveError(
             f"{what} {shown_name(name)}: name is {size} bytes (UTF-8), more than the limit of {max_bytes}"
         )
-    control = _CONTROL.search(name)
+    control = CONTROL_CHARACTERS.search(name)
     if control:
         kind = "NUL byte" if control.group() == "\x00" else f"control character U+{ord(control.group()):04X}"
         raise UnsafeArchiveError(f"{what} {shown_name(name)}: {kind} in name is not allowed")

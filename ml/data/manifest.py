@@ -7,9 +7,11 @@ from its declared size. Nothing here raises on a bad image: it is quarantined wi
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
+import stat
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -41,6 +43,8 @@ COLUMNS = (
 OK = "ok"
 LABEL_CONFLICT = "label conflict"
 DUPLICATE = "duplicate"
+# Bytes read per image at most (DataConfig.max_image_bytes): a 100 Mpx camera JPEG is ~40 MB.
+DEFAULT_MAX_IMAGE_BYTES = 50 * 1024**2
 # Below this many images a pool costs more to start than it saves.
 POOL_MIN_IMAGES = 200
 # pHashes this many bits apart (of 64) or fewer are the same picture re-encoded, resized or
@@ -118,8 +122,33 @@ def _truncated(fmt: str, data: bytes) -> bool:
     return False
 
 
-def inspect_image(path: str, max_pixels: int) -> dict[str, Any]:
-    """Check one file; never raises for bad content (the reason goes in `status`)."""
+def _read_capped(path: str, max_bytes: int) -> tuple[bytes | None, str]:
+    """(content, "") or (None, why not): stat first, and never read more than `max_bytes` + 1."""
+    try:
+        # O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer forever.
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        with os.fdopen(fd, "rb") as fh:
+            info = os.fstat(fh.fileno())
+            if not stat.S_ISREG(info.st_mode):
+                return None, "not a regular file"
+            if info.st_size > max_bytes:
+                return None, f"too many bytes ({info.st_size} > {max_bytes})"
+            data = fh.read(max_bytes + 1)  # + 1: a file that grew since the stat is caught too
+    except OSError as exc:
+        return None, f"unreadable: {exc.strerror or exc}"
+    if len(data) > max_bytes:
+        return None, f"too many bytes (more than {max_bytes})"
+    return data, ""
+
+
+def inspect_image(path: str, max_pixels: int, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> dict[str, Any]:
+    """Check one file; never raises for bad content (the reason goes in `status`).
+
+    Args:
+        path: The file.
+        max_pixels: Images whose header declares more pixels are quarantined undecoded.
+        max_bytes: Files larger than this are quarantined unread.
+    """
     import io
 
     import cv2
@@ -135,10 +164,11 @@ def inspect_image(path: str, max_pixels: int) -> dict[str, Any]:
         "phash": "",
         "status": OK,
     }
-    try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
-        row["status"] = f"unreadable: {exc.strerror or exc}"
+    data, problem = _read_capped(path, max_bytes)
+    if data is None:
+        row["status"] = problem
+        with contextlib.suppress(OSError):
+            row["bytes"] = int(os.stat(path).st_size)
         return row
     row["bytes"] = len(data)
     row["sha256"] = hashlib.sha256(data).hexdigest()
@@ -179,11 +209,11 @@ def inspect_image(path: str, max_pixels: int) -> dict[str, Any]:
     return row
 
 
-def _inspect_chunk(paths: Sequence[str], max_pixels: int) -> list[dict[str, Any]]:
+def _inspect_chunk(paths: Sequence[str], max_pixels: int, max_bytes: int) -> list[dict[str, Any]]:
     import cv2
 
     cv2.setNumThreads(1)  # the pool already uses every core
-    return [inspect_image(p, max_pixels) for p in paths]
+    return [inspect_image(p, max_pixels, max_bytes) for p in paths]
 
 
 def _default_workers() -> int:
@@ -198,6 +228,7 @@ def build_manifest(
     dataset_dir: Path,
     *,
     max_pixels: int,
+    max_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
     workers: int | None = None,
 ) -> pd.DataFrame:
     """Inspect every (image path, label) and return the manifest DataFrame (columns `COLUMNS`).
@@ -206,6 +237,7 @@ def build_manifest(
         items: Image paths (absolute, or relative to `dataset_dir`) with their labels.
         dataset_dir: Folder the `path` column is made relative to.
         max_pixels: Images whose header declares more pixels are quarantined undecoded.
+        max_bytes: Files larger than this are quarantined unread ("too many bytes").
         workers: Threads to use; None means one per available core, 1 means in the calling thread.
 
     Returns:
@@ -228,9 +260,9 @@ def build_manifest(
     started = time.monotonic()
     workers = workers or _default_workers()
     if workers <= 1 or len(items) < POOL_MIN_IMAGES:
-        rows = _inspect_chunk(abs_paths, max_pixels)
+        rows = _inspect_chunk(abs_paths, max_pixels, max_bytes)
     else:
-        rows = _inspect_in_pool(abs_paths, max_pixels, workers)
+        rows = _inspect_in_pool(abs_paths, max_pixels, max_bytes, workers)
     frame = pd.DataFrame(
         rows, columns=["sha256", "width", "height", "channels", "format", "bytes", "phash", "status"]
     )
@@ -253,7 +285,7 @@ def build_manifest(
     return frame[list(COLUMNS)]
 
 
-def _inspect_in_pool(paths: list[str], max_pixels: int, workers: int) -> list[dict[str, Any]]:
+def _inspect_in_pool(paths: list[str], max_pixels: int, max_bytes: int, workers: int) -> list[dict[str, Any]]:
     from concurrent.futures import ThreadPoolExecutor
 
     # Threads, not processes: OpenCV decoding, hashlib and the DCT release the GIL, so threads
@@ -264,7 +296,7 @@ def _inspect_in_pool(paths: list[str], max_pixels: int, workers: int) -> list[di
     size = max(16, -(-len(paths) // (workers * 8)))
     chunks = [paths[i : i + size] for i in range(0, len(paths), size)]
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="manifest") as pool:
-        results = pool.map(_inspect_chunk, chunks, [max_pixels] * len(chunks))
+        results = pool.map(_inspect_chunk, chunks, [max_pixels] * len(chunks), [max_bytes] * len(chunks))
         return [row for chunk in results for row in chunk]
 
 

@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ml.data.extract import shown_name
 from ml.data.manifest import COLUMNS, DUPLICATE, LABEL_CONFLICT, OK, NearDuplicates, near_duplicate_groups
 from ml.errors import DataError, DataQualityError
 
@@ -38,6 +39,9 @@ FAILING = "failing"
 WARNING = "warning"
 MAX_LISTED_FAILURES = 10
 MAX_LEAK_EXAMPLES = 3
+# Same characters as ml.data.extract.CONTROL_CHARACTERS, spelled with escapes so the
+# expectation's JSON and Data Docs page show it readably.
+LABEL_CONTROL_REGEX = r"[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]"
 MANIFEST_FILE = "manifest.parquet"
 
 
@@ -257,6 +261,49 @@ def _build_checks(
         ],
         column="n_classes",
         min_value=config.min_classes,
+    )
+    add(
+        "max_classes",
+        "dataset",
+        FAILING,
+        ge.ExpectColumnValuesToBeBetween,
+        lambda: [
+            f"the dataset has {stats['n_classes']} class(es) with ok images, more than "
+            f"data.max_classes={config.max_classes}"
+        ],
+        column="n_classes",
+        max_value=config.max_classes,
+    )
+    ok_labels = ok["label"].fillna("").astype(str)
+    long_label = ok_labels.str.len() > config.max_label_chars
+    control_label = ok_labels.str.contains(LABEL_CONTROL_REGEX, regex=True)
+
+    def label_examples(mask: pd.Series) -> list[str]:
+        return [shown_name(x) for x in ok_labels[mask].head(3)]
+
+    add(
+        "label_length",
+        "ok_images",
+        FAILING,
+        ge.ExpectColumnValueLengthsToBeBetween,
+        lambda: [
+            f"{int(long_label.sum())} ok image(s) have a label longer than data.max_label_chars="
+            f"{config.max_label_chars} characters, e.g. {label_examples(long_label)}"
+        ],
+        column="label",
+        max_value=config.max_label_chars,
+    )
+    add(
+        "label_characters",
+        "ok_images",
+        FAILING,
+        ge.ExpectColumnValuesToNotMatchRegex,
+        lambda: [
+            f"{int(control_label.sum())} ok image(s) have a label with control characters, e.g. "
+            f"{label_examples(control_label)}"
+        ],
+        column="label",
+        regex=LABEL_CONTROL_REGEX,
     )
     add(
         "min_images_per_class",
