@@ -338,6 +338,10 @@ def _plan(
     total = 0
     total_compressed = 0
     for info in infos:
+        # zipfile cuts a name at its first NUL ("a.jpg\0../x" reads as "a.jpg"): judge the raw name.
+        raw = getattr(info, "orig_filename", info.filename)
+        if "\x00" in raw:
+            check_name(raw, **names)
         rel = safe_member_path(info.filename, **names)
         kind = _entry_kind(info)
         if kind not in ("file", "dir"):
