@@ -278,8 +278,8 @@ def _build_checks(
     long_label = ok_labels.str.len() > config.max_label_chars
     control_label = ok_labels.str.contains(LABEL_CONTROL_REGEX, regex=True)
 
-    def label_examples(mask: pd.Series) -> list[str]:
-        return [shown_name(x) for x in ok_labels[mask].head(3)]
+    def label_examples(mask: pd.Series) -> str:
+        return ", ".join(shown_name(x) for x in ok_labels[mask].head(3))
 
     add(
         "label_length",
