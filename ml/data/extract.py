@@ -146,6 +146,7 @@ class NameTree:
     def __init__(self, what: str = "archive entry", where: str = "in the archive") -> None:
         self.what, self.where = what, where
         self.kinds: dict[str, str] = {}
+        self._spelling: dict[str, str] = {}
 
     def add(self, name: str, rel: PurePosixPath, kind: str) -> None:
         """Record `rel` ("file" or "dir"), named `name` in the source; UnsafeArchiveError on a clash."""
@@ -153,9 +154,10 @@ class NameTree:
         if key in self.kinds and not (kind == "dir" and self.kinds[key] == "dir"):
             raise UnsafeArchiveError(
                 f"{self.what} {shown_name(name)}: appears twice {self.where}"
-                + ("" if key == str(rel) else " (the same name after Unicode NFC normalisation)")
+                + ("" if self._spelling[key] == str(rel) else " (the same name after Unicode NFC normalisation)")
             )
         self.kinds[key] = kind
+        self._spelling.setdefault(key, str(rel))
 
     def check_parents(self) -> None:
         """UnsafeArchiveError when a path's parent folder is a file entry.

@@ -519,8 +519,8 @@ def near_duplicate_pairs(
         for start in range(0, len(members), block):
             dist = np.bitwise_count(vals[start : start + block, None] ^ vals[None, :])
             ii, jj = np.nonzero(dist <= max_distance)
-            keep = jj > ii + start
+            keep = np.flatnonzero(jj > ii + start)[: limit - len(pairs)]
             pairs.extend(zip(members[ii[keep] + start].tolist(), members[jj[keep]].tolist(), strict=True))
             if len(pairs) >= limit:
-                return sorted(pairs[:limit])
+                return sorted(pairs)
     return sorted(pairs)
