@@ -44,6 +44,14 @@ def _check_registry_name(name: object, setting: str) -> None:
         raise ConfigError(f"{setting}: {exc}") from None
 
 
+def _require_int(name: str, value: Any, low: int, high: int | None = None) -> None:
+    """`value` must be an int (not a bool) in [low, high]; the message says what is allowed."""
+    allowed = f"an integer >= {low}" if high is None else f"an integer in [{low}, {high}]"
+    _require(isinstance(value, int) and not isinstance(value, bool)
+             and low <= value and (high is None or value <= high),
+             f"{name} must be {allowed}, got {value!r}")
+
+
 @dataclass(frozen=True)
 class StorageConfig:
     """Where models and run artifacts are published (any S3-compatible store)."""
@@ -85,11 +93,28 @@ class DataConfig:
     # Warnings: reported, the run goes on.
     warn_images_per_class: int = 100  # the seeds' rule of thumb
     warn_imbalance_ratio: float = 3.0
-    # Safety limits for archives and images from the internet.
-    max_archive_bytes: int = 20 * 1024**3  # 20 GiB uncompressed in all
-    max_archive_entries: int = 500_000
+    # Safety limits for data from the internet. Archives and s3:// prefixes share the first two:
+    # bytes (uncompressed) and entries/objects of one source, nested archives included.
+    max_archive_bytes: int = 20 * 1024**3  # 20 GiB in all
+    max_archive_entries: int = 500_000  # ~50x the 10,222 photos of dog-breed-identification
     max_compression_ratio: float = 200.0
     max_image_pixels: int = 80_000_000  # ~ 9000 x 9000
+    # Bytes read per image; bigger files are quarantined unread. A 100 Mpx camera JPEG is ~40 MB.
+    max_image_bytes: int = 50 * 1024**2
+    # Names of archive entries, s3:// object keys and files of folder sources, in UTF-8 bytes:
+    # 255 is the filesystems' NAME_MAX; 1,024 leaves room for the work folder within Linux's
+    # 4,096-byte PATH_MAX (real datasets: ~50-byte names, 2-4 levels deep).
+    max_name_bytes: int = 1024
+    max_name_depth: int = 32
+    max_name_part_bytes: int = 255
+    # The model head, the K x K confusion matrix and per-class reports grow with the number of
+    # classes K; ImageNet has 1,000 (a 1,000 x 1,000 int64 matrix is 8 MB).
+    max_classes: int = 1000
+    # Labels are shown in pages and used as JSON keys; dog breeds are under 40 characters.
+    max_label_chars: int = 200
+    # labels.csv is read into memory (~300 bytes per row): 1 M rows ~ 300 MB; dog-breed's is 482 KB.
+    max_label_rows: int = 1_000_000
+    max_labels_file_bytes: int = 256 * 1024**2
 
     def __post_init__(self) -> None:
         _require(self.layout in LAYOUTS, f"data.layout must be one of {LAYOUTS}, got {self.layout!r}")
@@ -104,6 +129,18 @@ class DataConfig:
                  f"data.max_quarantined_fraction must be in [0, 1], got {self.max_quarantined_fraction}")
         _require(self.max_compression_ratio > 1,
                  f"data.max_compression_ratio must be > 1, got {self.max_compression_ratio}")
+        for name in ("max_archive_bytes", "max_archive_entries", "max_image_pixels", "max_image_bytes",
+                     "max_label_rows", "max_labels_file_bytes"):
+            _require_int(f"data.{name}", getattr(self, name), 1)
+        # 4,095: PATH_MAX minus the terminating NUL; 255: NAME_MAX, no filesystem takes longer.
+        _require_int("data.max_name_bytes", self.max_name_bytes, 1, 4095)
+        _require_int("data.max_name_depth", self.max_name_depth, 1, 2048)
+        _require_int("data.max_name_part_bytes", self.max_name_part_bytes, 1, 255)
+        _require(isinstance(self.max_classes, int) and not isinstance(self.max_classes, bool)
+                 and self.max_classes >= self.min_classes,
+                 f"data.max_classes must be an integer >= data.min_classes ({self.min_classes}), "
+                 f"got {self.max_classes!r}")
+        _require_int("data.max_label_chars", self.max_label_chars, 1, 100_000)
         if self.allowed_labels is not None:
             object.__setattr__(self, "allowed_labels", tuple(self.allowed_labels))
 

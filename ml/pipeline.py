@@ -268,7 +268,7 @@ def evaluate_candidate(dataset_dir: Path, candidate: str, config: PipelineConfig
     """Predict the test split with one candidate; write metrics, plots and predictions beside it."""
     import numpy as np
 
-    from ml.evaluation.metrics import confusion_csv, evaluate_predictions
+    from ml.evaluation.metrics import confusion_csv, confusion_matrix, evaluate_predictions
     from ml.evaluation.plots import plot_confusion, plot_learning_curves
     from ml.evaluation.report import measure_latency_ms, model_size_bytes
     from ml.models import load_model
@@ -285,7 +285,8 @@ def evaluate_candidate(dataset_dir: Path, candidate: str, config: PipelineConfig
     example = np.random.default_rng(0).uniform(0, 255, size=(1, size, size, 3)).astype("float32")
     metrics["latency_ms"] = measure_latency_ms(lambda x: model(x, training=False), example)
     metrics["model_bytes"] = model_size_bytes(model_path)
-    plot_confusion(metrics["confusion"], labels, cand_dir / "confusion.png")
+    # From the predictions, not metrics["confusion"]: metrics.json leaves it out for many classes.
+    plot_confusion(confusion_matrix(y_true, probs.argmax(axis=1), len(labels)), labels, cand_dir / "confusion.png")
     confusion_csv(y_true, probs.argmax(axis=1), labels, cand_dir / "confusion.csv")
     if (cand_dir / "history.csv").exists():
         plot_learning_curves(cand_dir / "history.csv", cand_dir / "curves.png", title=candidate)
@@ -553,7 +554,8 @@ def _publish_version(version: str, dataset: Mapping[str, Any], evaluation: Mappi
     _write_json(stage / "metrics.json", metrics)
     images = {name: cand_dir / f"{name}.png" for name in ("curves", "confusion") if (cand_dir / f"{name}.png").exists()}
     card = render_model_card(model_name=config.storage.model_name, version=version, candidate=candidate,
-                             metrics=metrics, labels=labels, dataset=dict(dataset), quality=dict(quality or {}),
+                             metrics=_with_confusion(metrics, cand_dir, len(labels)), labels=labels,
+                             dataset=dict(dataset), quality=dict(quality or {}),
                              leaderboard=list(evaluation["leaderboard"]), decision=dict(decision), lineage=lineage,
                              images=images)
     (stage / "model_card.html").write_text(card)
@@ -690,6 +692,20 @@ def _fresh_dir(path: Path) -> Path:
         shutil.rmtree(path)
     path.mkdir(parents=True)
     return path
+
+
+def _with_confusion(metrics: Mapping[str, Any], cand_dir: Path, n_classes: int) -> Mapping[str, Any]:
+    """`metrics` with the K x K confusion (for the model card), recomputed from predictions.npz when
+    metrics.json left it out for having many classes."""
+    if "confusion" in metrics or not (cand_dir / "predictions.npz").exists():
+        return metrics
+    import numpy as np
+
+    from ml.evaluation.metrics import confusion_matrix
+
+    with np.load(cand_dir / "predictions.npz") as preds:
+        matrix = confusion_matrix(preds["y_true"], preds["probs"].argmax(axis=1), n_classes)
+    return {**metrics, "confusion": matrix.tolist()}
 
 
 def _score_fields(metrics: Mapping[str, Any]) -> dict[str, Any]:

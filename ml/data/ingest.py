@@ -18,8 +18,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ml.data.extract import shown_name
 from ml.data.layouts import detect_layout, find_dataset_root, find_unlabelled, list_labelled_images
-from ml.data.manifest import OK, build_manifest, dataset_hash, near_duplicate_pairs
+from ml.data.manifest import OK, build_manifest, dataset_hash, near_duplicate_groups
 from ml.data.sources import materialise, parse_source
 from ml.data.splits import assign_splits, split_counts
 from ml.errors import DataError
@@ -34,6 +35,9 @@ DATASET_FILE = "dataset.json"
 IMAGES_DIR = "images"
 UNLABELLED_DIR = "unlabelled"
 MAX_PROBLEMS_KEPT = 50
+# Deterministic filesystem refusals of a name (too long, not representable, a file where a
+# folder must be): retrying cannot help, so they surface as DataError.
+_NAME_ERRNOS = frozenset({errno.ENAMETOOLONG, errno.EILSEQ, errno.ENOTDIR, errno.ELOOP})
 
 
 def link_or_copy(src: Path, dst: Path) -> None:
@@ -103,6 +107,15 @@ def ingest(
     try:
         return _ingest_into(tmp, datasets, parsed, config, store=store, kaggle_credentials=kaggle_credentials)
     except OSError as exc:
+        if exc.errno in _NAME_ERRNOS:
+            # The same names fail the same way on every retry: bad input, not a transient fault.
+            where = shown_name(str(exc.filename)) if exc.filename else "a file"
+            raise DataError(
+                f"cannot ingest {parsed.uri}: {where} cannot be created or read under {datasets} "
+                f"({errno.errorcode.get(exc.errno or 0, exc.errno)}: {exc.strerror}); names must stay within "
+                f"data.max_name_bytes={config.max_name_bytes} and {config.max_name_part_bytes} bytes per "
+                "component, and the work folder must leave room for them in the 4,096-byte path limit"
+            ) from None
         if exc.errno != errno.ENOSPC:
             raise
         # Extraction writes through file objects, whose ENOSPC names no path: say where it ran out.
@@ -116,6 +129,17 @@ def ingest(
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _check_class_count(items: list[tuple[Path, str]], uri: str, config: DataConfig) -> None:
+    """DataError before any K x K work (quality suite, confusion matrices) when K is over the cap."""
+    labels = {label for _, label in items}
+    if len(labels) > config.max_classes:
+        examples = ", ".join(shown_name(label) for label in sorted(labels)[:5])
+        raise DataError(
+            f"{uri} has {len(labels)} classes, more than data.max_classes={config.max_classes} "
+            f"(e.g. {examples}); raise data.max_classes if that many is intended"
+        )
 
 
 def _ingest_into(
@@ -133,6 +157,7 @@ def _ingest_into(
     root = find_dataset_root(raw, config)
     layout = detect_layout(root, config)
     items, problems = list_labelled_images(root, config)
+    _check_class_count(items, parsed.uri, config)
     unlabelled = find_unlabelled(root, config)
 
     t0 = time.monotonic()
@@ -164,9 +189,10 @@ def _ingest_into(
     if len(problems) > 10:
         log.warning("... and %d more data problems (see dataset.json extra.problems)", len(problems) - 10)
 
-    manifest = build_manifest(staged, tmp, max_pixels=config.max_image_pixels)
+    manifest = build_manifest(staged, tmp, max_pixels=config.max_image_pixels, max_bytes=config.max_image_bytes)
     manifest = assign_splits(manifest, **_split_config(config))
     digest = dataset_hash(manifest)
+    near = near_duplicate_groups(manifest)
     ok = manifest[manifest["status"] == OK]
     if ok.empty:
         statuses = manifest["status"].value_counts().to_dict()
@@ -187,7 +213,8 @@ def _ingest_into(
             "split_config": _split_config(config),
             "splits": split_counts(manifest),
             "status_counts": {str(k): int(v) for k, v in manifest["status"].value_counts().items()},
-            "near_duplicate_pairs": len(near_duplicate_pairs(manifest)),
+            "near_duplicate_groups": near.n_groups,
+            "near_duplicate_images": near.n_images,
             "n_unlabelled": len(unlabelled),
             "n_problems": len(problems),
             "problems": problems[:MAX_PROBLEMS_KEPT],

@@ -30,7 +30,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ml.data.manifest import COLUMNS, DUPLICATE, LABEL_CONFLICT, OK, near_duplicate_pairs
+from ml.data.extract import shown_name
+from ml.data.manifest import COLUMNS, DUPLICATE, LABEL_CONFLICT, OK, NearDuplicates, near_duplicate_groups
 from ml.errors import DataError, DataQualityError
 
 if TYPE_CHECKING:
@@ -43,6 +44,10 @@ log = logging.getLogger(__name__)
 FAILING = "failing"
 WARNING = "warning"
 MAX_LISTED_FAILURES = 10
+MAX_LEAK_EXAMPLES = 3
+# Same characters as ml.data.extract.CONTROL_CHARACTERS, spelled with escapes so the
+# expectation's JSON and Data Docs page show it readably.
+LABEL_CONTROL_REGEX = r"[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]"
 MANIFEST_FILE = "manifest.parquet"
 
 
@@ -106,16 +111,37 @@ def _per_class(manifest: pd.DataFrame) -> pd.DataFrame:
     return frame.sort_values("label", kind="stable").reset_index(drop=True)
 
 
-def _leaking_pairs(manifest: pd.DataFrame, pairs: list[tuple[int, int]]) -> list[tuple[int, int]]:
+@dataclass(frozen=True)
+class _Leaks:
+    """Near-duplicate groups that straddle train and test (`assign_splits` keeps groups together)."""
+
+    groups: int
+    pairs: int  # (train image, test image) pairs inside those groups
+    examples: list[tuple[int, int]]  # (train row, test row) positions, one per group, at most MAX_LEAK_EXAMPLES
+
+
+def _leaks(manifest: pd.DataFrame, near: NearDuplicates) -> _Leaks:
+    import numpy as np
+
     splits = manifest["split"].to_numpy()
-    return [(i, j) for i, j in pairs if {splits[i], splits[j]} == {"train", "test"}]
+    group = near.group
+    in_train = (group >= 0) & (splits == "train")
+    in_test = (group >= 0) & (splits == "test")
+    train = np.bincount(group[in_train], minlength=near.n_groups)
+    test = np.bincount(group[in_test], minlength=near.n_groups)
+    straddling = np.flatnonzero((train > 0) & (test > 0))
+    examples = [
+        (int(np.flatnonzero(in_train & (group == g))[0]), int(np.flatnonzero(in_test & (group == g))[0]))
+        for g in straddling[:MAX_LEAK_EXAMPLES]
+    ]
+    return _Leaks(len(straddling), int((train[straddling] * test[straddling]).sum()), examples)
 
 
 def _statistics(
     manifest: pd.DataFrame,
     per_class: pd.DataFrame,
-    pairs: list[tuple[int, int]] | None,
-    leaking: list[tuple[int, int]] | None,
+    near: NearDuplicates | None,
+    leaks: _Leaks | None,
 ) -> dict[str, Any]:
     ok = manifest[manifest["status"] == OK]
     n = len(manifest)
@@ -137,10 +163,12 @@ def _statistics(
         stats["formats"] = {str(k): int(v) for k, v in ok["format"].value_counts().items()}
     if "split" in manifest.columns:
         stats["splits"] = {s: int((ok["split"] == s).sum()) for s in ("train", "val", "test")}
-    if pairs is not None:
-        stats["near_duplicate_pairs"] = len(pairs)
-    if leaking is not None:
-        stats["near_duplicates_across_train_test"] = len(leaking)
+    if near is not None:
+        stats["near_duplicate_groups"] = near.n_groups
+        stats["near_duplicate_images"] = near.n_images
+    if leaks is not None:
+        stats["near_duplicates_across_train_test"] = leaks.pairs
+        stats["near_duplicate_groups_across_train_test"] = leaks.groups
     return stats
 
 
@@ -163,7 +191,7 @@ def _build_checks(
     config: DataConfig,
     frames: dict[str, pd.DataFrame],
     stats: dict[str, Any],
-    leaking: list[tuple[int, int]] | None,
+    leaks: _Leaks | None,
 ) -> list[_Check]:
     import great_expectations as gx
 
@@ -241,6 +269,49 @@ def _build_checks(
         min_value=config.min_classes,
     )
     add(
+        "max_classes",
+        "dataset",
+        FAILING,
+        ge.ExpectColumnValuesToBeBetween,
+        lambda: [
+            f"the dataset has {stats['n_classes']} class(es) with ok images, more than "
+            f"data.max_classes={config.max_classes}"
+        ],
+        column="n_classes",
+        max_value=config.max_classes,
+    )
+    ok_labels = ok["label"].fillna("").astype(str)
+    long_label = ok_labels.str.len() > config.max_label_chars
+    control_label = ok_labels.str.contains(LABEL_CONTROL_REGEX, regex=True)
+
+    def label_examples(mask: pd.Series) -> str:
+        return ", ".join(shown_name(x) for x in ok_labels[mask].head(3))
+
+    add(
+        "label_length",
+        "ok_images",
+        FAILING,
+        ge.ExpectColumnValueLengthsToBeBetween,
+        lambda: [
+            f"{int(long_label.sum())} ok image(s) have a label longer than data.max_label_chars="
+            f"{config.max_label_chars} characters, e.g. {label_examples(long_label)}"
+        ],
+        column="label",
+        max_value=config.max_label_chars,
+    )
+    add(
+        "label_characters",
+        "ok_images",
+        FAILING,
+        ge.ExpectColumnValuesToNotMatchRegex,
+        lambda: [
+            f"{int(control_label.sum())} ok image(s) have a label with control characters, e.g. "
+            f"{label_examples(control_label)}"
+        ],
+        column="label",
+        regex=LABEL_CONTROL_REGEX,
+    )
+    add(
         "min_images_per_class",
         "per_class",
         FAILING,
@@ -314,13 +385,14 @@ def _build_checks(
             column="label",
             value_set=allowed,
         )
-    if leaking is not None:
+    if leaks is not None:
 
         def leak_text() -> list[str]:
             paths = manifest["path"].astype(str).to_numpy()
-            examples = [f"{paths[i]} ~ {paths[j]}" for i, j in leaking[:3]]
+            examples = [f"{paths[i]} ~ {paths[j]}" for i, j in leaks.examples]
             return [
-                f"{len(leaking)} near-duplicate pair(s) straddle train and test (leakage), e.g. {examples}"
+                f"{leaks.pairs} near-duplicate pair(s) straddle train and test (leakage) in {leaks.groups} "
+                f"near-duplicate group(s), e.g. {examples}"
             ]
 
         add(
@@ -460,21 +532,21 @@ def validate_dataset(dataset_dir: Path, config: DataConfig, *, out_dir: Path | N
 
     per_class = _per_class(manifest)
     has_splits = bool(manifest["split"].isin(["train", "val", "test"]).any())
-    pairs = near_duplicate_pairs(manifest)
-    leaking = _leaking_pairs(manifest, pairs) if has_splits else None
-    stats = _statistics(manifest, per_class, pairs, leaking)
+    near = near_duplicate_groups(manifest)
+    leaks = _leaks(manifest, near) if has_splits else None
+    stats = _statistics(manifest, per_class, near, leaks)
     dataset_row = {
         k: [stats[k]]
         for k in ("n_images", "n_ok", "n_quarantined", "quarantined_fraction", "n_classes", "imbalance_ratio")
     }
-    dataset_row["near_duplicates_across_train_test"] = [len(leaking) if leaking is not None else 0]
+    dataset_row["near_duplicates_across_train_test"] = [leaks.pairs if leaks is not None else 0]
     frames = {
         "manifest": manifest,
         "ok_images": manifest[manifest["status"] == OK].reset_index(drop=True),
         "per_class": per_class,
         "dataset": pd.DataFrame(dataset_row),
     }
-    checks = _build_checks(config, frames, stats, leaking)
+    checks = _build_checks(config, frames, stats, leaks)
     results, outcome = _run_suites(checks, frames)
 
     failures: list[str] = []

@@ -12,11 +12,18 @@ import shutil
 import time
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
-from ml.data.extract import safe_extract_zip, safe_member_path
-from ml.errors import SourceError, UnsafeArchiveError
+from ml.data.extract import (
+    DEFAULT_MAX_ENTRIES,
+    DEFAULT_MAX_TOTAL_BYTES,
+    NameTree,
+    safe_extract_zip,
+    safe_member_path,
+    shown_name,
+)
+from ml.errors import SourceError, StorageError, UnsafeArchiveError
 
 if TYPE_CHECKING:
     from ml.config import DataConfig
@@ -72,11 +79,23 @@ def parse_source(source: str) -> Source:
     raise SourceError(f"source {text!r} does not exist; expected {SOURCE_HELP}")
 
 
+def name_limits(config: DataConfig) -> dict[str, int]:
+    """The name rules of `ml.data.extract.check_name`, from the config."""
+    return {
+        "max_bytes": config.max_name_bytes,
+        "max_depth": config.max_name_depth,
+        "max_part_bytes": config.max_name_part_bytes,
+    }
+
+
 def _extract_limits(config: DataConfig) -> dict[str, Any]:
     return {
         "max_total_bytes": config.max_archive_bytes,
         "max_entries": config.max_archive_entries,
         "max_ratio": config.max_compression_ratio,
+        "max_name_bytes": config.max_name_bytes,
+        "max_name_depth": config.max_name_depth,
+        "max_name_part_bytes": config.max_name_part_bytes,
     }
 
 
@@ -86,14 +105,31 @@ def expand_archives(folder: Path, config: DataConfig) -> None:
     A zip holding one file becomes that file (``labels.csv.zip -> labels.csv``); a zip holding
     one folder named like the zip becomes that folder (``train.zip -> train/``); anything else
     becomes a folder named after the zip's stem.
+
+    The source's byte and entry limits cover everything extracted, nested archives included:
+    each inner archive gets only what the files already there leave (else 100 inner zips could
+    each unpack the full 20 GiB).
     """
+    files = [p for p in folder.rglob("*") if p.is_file()]
+    used_bytes, used_entries = sum(p.stat().st_size for p in files), len(files)
     for _ in range(MAX_ARCHIVE_DEPTH):
         archives = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() == ".zip")
         if not archives:
             return
         for archive in archives:
+            left_bytes = config.max_archive_bytes - used_bytes
+            left_entries = config.max_archive_entries - used_entries
+            if left_bytes <= 0 or left_entries <= 0:
+                raise UnsafeArchiveError(
+                    f"nested archive {archive.relative_to(folder)}: the source already holds {used_bytes} bytes "
+                    f"in {used_entries} files, which leaves nothing of data.max_archive_bytes="
+                    f"{config.max_archive_bytes} / data.max_archive_entries={config.max_archive_entries}"
+                )
             staging = archive.parent / f".{archive.stem}.x-{uuid.uuid4().hex[:8]}"
-            safe_extract_zip(archive, staging, **_extract_limits(config))
+            limits = {**_extract_limits(config), "max_total_bytes": left_bytes, "max_entries": left_entries}
+            extracted = safe_extract_zip(archive, staging, **limits)
+            used_bytes += sum(p.stat().st_size for p in extracted) - archive.stat().st_size
+            used_entries += len(extracted) - 1
             entries = [p for p in staging.iterdir() if p.name != "__MACOSX"]
             if len(entries) == 1 and (entries[0].is_file() or entries[0].name == archive.stem):
                 target, content = archive.parent / entries[0].name, entries[0]
@@ -114,40 +150,94 @@ def expand_archives(folder: Path, config: DataConfig) -> None:
         )
 
 
-def fetch_s3(store: Any, bucket: str, prefix: str, dest: Path) -> list[Path]:
-    """Download every object under `prefix` (or the one .zip object `prefix`) into `dest`."""
+def fetch_s3(
+    store: Any,
+    bucket: str,
+    prefix: str,
+    dest: Path,
+    *,
+    max_objects: int = DEFAULT_MAX_ENTRIES,
+    max_bytes: int = DEFAULT_MAX_TOTAL_BYTES,
+    names: dict[str, int] | None = None,
+) -> list[Path]:
+    """Download every object under `prefix` (or the one .zip object `prefix`) into `dest`.
+
+    The listing is checked before any download, as an archive's directory is: at most
+    `max_objects` objects and `max_bytes` bytes in all (counted while listing, so a prefix with
+    millions of objects is refused without holding them), every key a safe relative name (see
+    `ml.data.extract.check_name`) and no two keys for one path. Each download stops at the size
+    the listing gave.
+
+    Raises:
+        SourceError: naming the prefix or key and the rule (a DataError: never retried).
+    """
     if store is None:
         raise SourceError(f"source s3://{bucket}/{prefix} needs an object store client (store=...)")
     if getattr(store, "bucket", bucket) != bucket:
         store = store.for_bucket(bucket)
     started = time.monotonic()
     if prefix.endswith(".zip"):
-        keys, base = [prefix], prefix.rsplit("/", 1)[0] + "/" if "/" in prefix else ""
+        base = prefix.rsplit("/", 1)[0] + "/" if "/" in prefix else ""
+        meta = store.head(prefix)
+        listing = iter([{"key": prefix, "size": meta["size"]}] if meta else [])
     else:
         base = f"{prefix}/" if prefix else ""
-        keys = [k for k in store.list_keys(base) if not k.endswith("/")]
-    if not keys:
-        raise SourceError(f"no objects under s3://{bucket}/{base}")
-    out = []
-    for key in sorted(keys):
+        listing = store.iter_objects(base)
+    where = f"s3://{bucket}/{base}"
+    planned: list[tuple[str, PurePosixPath, int]] = []
+    tree = NameTree("object", f"under {where} (two keys for one file)")
+    total = 0
+    for item in listing:
+        key, size = str(item["key"]), int(item["size"])
+        if key.endswith("/"):
+            continue  # a console's "folder" placeholder, not data
         if not key.startswith(base):
-            raise SourceError(f"object store returned key {key!r} outside the prefix {base!r}")
+            raise SourceError(f"object store returned key {shown_name(key)} outside the prefix {base!r}")
+        if len(planned) >= max_objects:
+            raise SourceError(
+                f"{where} holds more than {max_objects} objects (data.max_archive_entries); refusing before "
+                f"downloading any (first object past the limit: {shown_name(key)})"
+            )
+        total += size
+        if total > max_bytes:
+            raise SourceError(
+                f"{where}: objects listed so far total {total} bytes, more than the limit of {max_bytes} "
+                f"(data.max_archive_bytes; reached at {shown_name(key)}); refusing before downloading any"
+            )
         try:
-            rel = safe_member_path(key[len(base) :])
+            rel = safe_member_path(key[len(base) :], what=f"{where}: object", **(names or {}))
+            tree.add(key[len(base) :], rel, "file")
         except UnsafeArchiveError as exc:
-            raise SourceError(f"refusing object key {key!r}: {exc}") from None
+            raise SourceError(f"refusing the source: {exc}") from None
+        planned.append((key, rel, size))
+    if not planned:
+        raise SourceError(f"no objects under {where}")
+    try:
+        tree.check_parents()
+    except UnsafeArchiveError as exc:
+        raise SourceError(f"refusing the source {where}: {exc}") from None
+    out = []
+    for key, rel, size in sorted(planned):
         target = dest.joinpath(*rel.parts)
         target.parent.mkdir(parents=True, exist_ok=True)
-        store.download_file(key, target)
+        try:
+            store.download_file(key, target, max_bytes=size)
+        except StorageError:
+            now = store.head(key)
+            if now is not None and int(now["size"]) != size:
+                raise SourceError(
+                    f"object {shown_name(key)} in s3://{bucket}/ changed while it was being ingested: listed with "
+                    f"{size} bytes, now {now['size']}; refusing (re-run once the source is stable)"
+                ) from None
+            raise
         out.append(target)
     seconds = max(time.monotonic() - started, 1e-9)
     megabytes = sum(p.stat().st_size for p in out) / 1e6
     log.info(
-        "fetched %d objects (%.1f MB) from s3://%s/%s in %.1f s (%.1f MB/s)",
+        "fetched %d objects (%.1f MB) from %s in %.1f s (%.1f MB/s)",
         len(out),
         megabytes,
-        bucket,
-        base,
+        where,
         seconds,
         megabytes / seconds,
     )
@@ -178,7 +268,15 @@ def materialise(
         return target
     if source.kind == "s3":
         target = staging / "s3"
-        fetch_s3(store, source.bucket, source.prefix, target)
+        fetch_s3(
+            store,
+            source.bucket,
+            source.prefix,
+            target,
+            max_objects=config.max_archive_entries,
+            max_bytes=config.max_archive_bytes,
+            names=name_limits(config),
+        )
         expand_archives(target, config)
         return target
     if source.kind == "kaggle":

@@ -14,7 +14,7 @@ import hashlib
 import logging
 from typing import TYPE_CHECKING
 
-from ml.data.manifest import OK, near_duplicate_pairs
+from ml.data.manifest import OK, near_duplicate_groups
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -52,29 +52,6 @@ def _distance(pct: float, interval: tuple[float, float]) -> float:
     return lo - pct if pct < lo else max(pct - hi, 0.0)
 
 
-def _groups(manifest: pd.DataFrame) -> dict[int, list[int]]:
-    """Near-duplicate groups (union-find over pHash pairs): root position -> member positions."""
-    parent: dict[int, int] = {}
-
-    def find(x: int) -> int:
-        while parent.get(x, x) != x:
-            parent[x] = parent.get(parent[x], parent[x])
-            x = parent[x]
-        return x
-
-    for i, j in near_duplicate_pairs(manifest):
-        ri, rj = find(i), find(j)
-        if ri != rj:
-            parent[max(ri, rj)] = min(ri, rj)
-    groups: dict[int, list[int]] = {}
-    for x in list(parent):
-        groups.setdefault(find(x), []).append(x)
-    for root, members in groups.items():
-        if root not in members:
-            members.append(root)
-    return groups
-
-
 def assign_splits(
     manifest: pd.DataFrame, *, val_percent: float, test_percent: float, seed: int
 ) -> pd.DataFrame:
@@ -98,11 +75,12 @@ def assign_splits(
     # Leakage guard: a near-duplicate group follows the member with the smallest sha256, so the
     # choice does not depend on row order or file names.
     grouped: set[int] = set()
-    for members in _groups(out).values():
-        leader = min(members, key=lambda i: shas[i])
-        for i in members:
+    for members in near_duplicate_groups(out).members():
+        rows = members.tolist()
+        leader = min(rows, key=lambda i: shas[i])
+        for i in rows:
             split[i] = split[leader]
-        grouped.update(members)
+        grouped.update(rows)
 
     wanted = [s for s in SPLITS if s != "val" or val_percent > 0]
     intervals = _intervals(val_percent, test_percent)

@@ -28,6 +28,12 @@ ECE_BINS = 15  # Guo et al. 2017, "On Calibration of Modern Neural Networks"
 TOP_K = 5
 # How far a probability row may sum from 1 before we say so (float32 softmax drifts ~1e-6).
 _ROW_SUM_TOLERANCE = 1e-3
+# metrics.json goes to XCom, the registry page and every version: above this many classes the
+# K x K matrix (1,000 classes: 1 M cells, ~3 MB of JSON) is left out of it. The full matrix is
+# in confusion.csv and can be recomputed from predictions.npz (`confusion_matrix`). 200 keeps
+# dog-breed-identification's 120 classes (14,400 cells, ~45 KB of JSON) in; 200 x 200 is ~150 KB.
+MAX_CONFUSION_CLASSES = 200
+TOP_CONFUSIONS = 10
 
 
 def validate_predictions(
@@ -146,20 +152,29 @@ def per_class_scores(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.nda
     return precision, recall, f1, support
 
 
-def evaluate_predictions(y_true: np.ndarray, probs: np.ndarray, labels: list[str]) -> dict:
-    """All test-split metrics of one model, JSON-serialisable.
+def evaluate_predictions(
+    y_true: np.ndarray,
+    probs: np.ndarray,
+    labels: list[str],
+    *,
+    max_confusion_classes: int = MAX_CONFUSION_CLASSES,
+) -> dict:
+    """All test-split metrics of one model, JSON-serialisable and O(K) in size for K classes.
 
     Args:
         y_true: (N,) integer class indices into `labels`.
         probs: (N, K) predicted probabilities, column i for `labels[i]`.
         labels: the K class names, index = output unit.
+        max_confusion_classes: the K x K ``confusion`` is included only up to this many classes.
 
     Returns:
         ``n``, ``n_classes``, ``accuracy``, ``top5_accuracy`` (k = min(5, K), also as ``top_k``),
         ``log_loss`` (Kaggle's clipped and renormalised), ``macro_f1`` (over the classes that
         occur in y_true or the predictions, as sklearn's default), ``ece`` (15 bins),
         ``chance_accuracy`` (1/K), ``per_class`` ({label: {precision, recall, f1, support}}),
-        ``confusion`` (K x K list of lists, rows = true class) and ``labels``.
+        ``top_confusions`` (the 10 largest off-diagonal cells, see `top_confusions`), ``labels``,
+        and ``confusion`` (K x K list of lists, rows = true class) when K <= max_confusion_classes;
+        above it ``confusion_omitted`` says why it is missing.
 
     Raises:
         DataError: when shapes or values are invalid.
@@ -194,9 +209,16 @@ def evaluate_predictions(y_true: np.ndarray, probs: np.ndarray, labels: list[str
             }
             for i, label in enumerate(labels)
         },
-        "confusion": matrix.tolist(),
+        "top_confusions": top_confusions(matrix, labels, k=TOP_CONFUSIONS),
         "labels": labels,
     }
+    if n_classes <= max_confusion_classes:
+        result["confusion"] = matrix.tolist()
+    else:
+        result["confusion_omitted"] = (
+            f"{n_classes} classes > {max_confusion_classes}: the {n_classes} x {n_classes} matrix is in "
+            "confusion.csv (or recompute it from predictions.npz)"
+        )
     log.info("evaluated %d test images over %d classes: accuracy %.4f, top-%d %.4f, log loss %.4f, "
              "macro F1 %.4f, ECE %.4f (chance %.4f)", n, n_classes, result["accuracy"], k,
              result["top5_accuracy"], result["log_loss"], result["macro_f1"], result["ece"],

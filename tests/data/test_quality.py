@@ -128,3 +128,49 @@ def test_summary_lists_failures_and_truncates() -> None:
         and "and 3 more" in str(err.value)
     )
     assert len(err.value.failures) == 13
+
+
+def edited_copy(good: Path, dest: Path, edit: object) -> Path:
+    shutil.copytree(good, dest)
+    manifest = pd.read_parquet(dest / "manifest.parquet")
+    edit(manifest)  # type: ignore[operator]
+    manifest.to_parquet(dest / "manifest.parquet", index=False)
+    return dest
+
+
+def test_more_classes_than_the_cap_fail(good_dataset: Path) -> None:
+    config = DataConfig(**{**TINY_CONFIG.__dict__, "max_classes": 2})
+
+    report = validate_dataset(good_dataset, config)
+
+    assert "the dataset has 3 class(es) with ok images, more than data.max_classes=2" in report.failures
+
+
+def test_long_and_control_character_labels_fail(good_dataset: Path, tmp_path: Path) -> None:
+    def edit(m: pd.DataFrame) -> None:
+        m.loc[0, "label"] = "x" * 300
+        m.loc[1, "label"] = "bad\x1b[31mlabel"
+
+    report = validate_dataset(edited_copy(good_dataset, tmp_path / "ds", edit), TINY_CONFIG)
+
+    text = "\n".join(report.failures)
+    assert "1 ok image(s) have a label longer than data.max_label_chars=200 characters, e.g. 'xxx" in text
+    assert "1 ok image(s) have a label with control characters, e.g. 'bad\\x1b[31mlabel'" in text
+
+
+def test_a_near_duplicate_chain_across_train_and_test_is_a_leak(good_dataset: Path, tmp_path: Path) -> None:
+    # a ~ b (3 bits) and b ~ c (6 bits) but a and c are 9 bits apart: one group, train to test.
+    def edit(m: pd.DataFrame) -> None:
+        m.loc[[0, 1, 2], "phash"] = [f"{v:016x}" for v in (0, 0b111, 0b111111111)]
+        m.loc[[0, 1, 2], "split"] = ["train", "val", "test"]
+
+    report = validate_dataset(edited_copy(good_dataset, tmp_path / "ds", edit), TINY_CONFIG)
+
+    paths = pd.read_parquet(good_dataset / "manifest.parquet")["path"].tolist()
+    assert report.statistics["near_duplicate_groups"] == 1 and report.statistics["near_duplicate_images"] == 3
+    assert report.statistics["near_duplicates_across_train_test"] == 1
+    assert report.statistics["near_duplicate_groups_across_train_test"] == 1
+    assert (
+        f"1 near-duplicate pair(s) straddle train and test (leakage) in 1 near-duplicate group(s), "
+        f"e.g. ['{paths[0]} ~ {paths[2]}']"
+    ) in report.failures

@@ -4,6 +4,7 @@ import json
 import logging
 import shutil
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
@@ -38,7 +39,7 @@ def zip_folder(folder: Path, archive: Path, *, prefix: str = "") -> Path:
 
 
 class FakeStore:
-    """The ObjectStore surface ingest uses: list_keys, download_file, for_bucket."""
+    """The ObjectStore surface ingest uses: iter_objects, head, download_file, for_bucket."""
 
     def __init__(self, bucket: str, objects: dict[str, Path]) -> None:
         self.bucket, self.objects, self.buckets = bucket, objects, {bucket: self}
@@ -46,10 +47,15 @@ class FakeStore:
     def for_bucket(self, name: str) -> FakeStore:
         return self.buckets[name]
 
-    def list_keys(self, prefix: str) -> list[str]:
-        return sorted(k for k in self.objects if k.startswith(prefix))
+    def iter_objects(self, prefix: str) -> list[dict[str, object]]:
+        keys = sorted(k for k in self.objects if k.startswith(prefix))
+        return [{"key": k, "size": self.objects[k].stat().st_size} for k in keys]
 
-    def download_file(self, key: str, path: Path) -> None:
+    def head(self, key: str) -> dict[str, object] | None:
+        return {"size": self.objects[key].stat().st_size} if key in self.objects else None
+
+    def download_file(self, key: str, path: Path, *, max_bytes: int | None = None) -> None:
+        assert max_bytes is not None and self.objects[key].stat().st_size <= max_bytes
         shutil.copyfile(self.objects[key], path)
 
 
@@ -295,3 +301,65 @@ def test_dataset_json_is_valid_json_with_contract_keys(sample: Path, tmp_path: P
         "created_at",
         "extra",
     } <= set(meta)
+
+
+# --------------------------------------------------------------------------- limits
+
+
+def test_too_many_classes_fail_before_any_image_is_inspected(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ml.data import ingest as ingest_mod
+
+    for c in range(6):
+        (tmp_path / "src" / f"class{c}").mkdir(parents=True)
+        (tmp_path / "src" / f"class{c}" / "a.jpg").write_bytes(b"x")
+    monkeypatch.setattr(ingest_mod, "build_manifest", lambda *a, **k: pytest.fail("manifest was built"))
+
+    with pytest.raises(DataError, match=r"has 6 classes, more than data.max_classes=5 \(e.g. 'class0', "):
+        ingest(str(tmp_path / "src"), tmp_path / "work", DataConfig(max_classes=5))
+    assert list((tmp_path / "work" / "datasets").iterdir()) == []
+
+
+def test_nested_archives_share_the_source_byte_budget(tmp_path: Path) -> None:
+    # Three small zips inside a zip, each unpacking to 100 kB: alone each fits 250 kB, together not.
+    with zipfile.ZipFile(tmp_path / "outer.zip", "w") as outer:
+        for i in range(3):
+            with zipfile.ZipFile(tmp_path / f"inner{i}.zip", "w", compression=zipfile.ZIP_DEFLATED) as zf:
+                zf.writestr(f"c{i}/x.bin", bytes(100_000))
+            outer.write(tmp_path / f"inner{i}.zip", f"inner{i}.zip")
+
+    with pytest.raises(UnsafeArchiveError, match=r"'c2/x.bin': total uncompressed size reaches 100000 bytes, more"):
+        ingest(str(tmp_path / "outer.zip"), tmp_path / "work", DataConfig(max_archive_bytes=250_000))
+    assert list((tmp_path / "work" / "datasets").iterdir()) == []
+
+
+def test_s3_keys_naming_one_file_twice_are_refused(tmp_path: Path) -> None:
+    (tmp_path / "a.jpg").write_bytes(b"x")
+    store = FakeStore("data", {"raw/cats/a.jpg": tmp_path / "a.jpg", "raw/cats//a.jpg": tmp_path / "a.jpg"})
+
+    with pytest.raises(SourceError, match=r"object 'cats/a.jpg': appears twice under s3://data/raw/"):
+        ingest("s3://data/raw", tmp_path / "work", CONFIG, store=store)
+
+
+def test_s3_key_where_a_folder_must_be_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "a.jpg").write_bytes(b"x")
+    store = FakeStore("data", {"raw/cats": tmp_path / "a.jpg", "raw/cats/a.jpg": tmp_path / "a.jpg"})
+
+    with pytest.raises(SourceError, match=r"object 'cats/a.jpg': its parent 'cats' is a file entry"):
+        ingest("s3://data/raw", tmp_path / "work", CONFIG, store=store)
+
+
+def test_s3_listing_stops_at_the_object_limit(tmp_path: Path) -> None:
+    (tmp_path / "a.jpg").write_bytes(b"x")
+    listed: list[str] = []
+
+    class EndlessStore(FakeStore):
+        def iter_objects(self, prefix: str) -> Iterator[dict[str, object]]:
+            for i in range(10**9):  # a listing that never ends must not be read to its end
+                listed.append(f"{prefix}{i}.jpg")
+                yield {"key": listed[-1], "size": 1}
+
+    with pytest.raises(SourceError, match=r"s3://data/raw/ holds more than 20 objects \(data.max_archive_entries\)"):
+        ingest("s3://data/raw", tmp_path / "work", DataConfig(max_archive_entries=20), store=EndlessStore("data", {}))
+    assert len(listed) == 21

@@ -138,3 +138,107 @@ def test_unlabelled_and_wrapped_root(tmp_path: Path) -> None:
 
     assert found == root
     assert [p.name for p in find_unlabelled(found, DataConfig())] == ["t1.jpg", "t2.png"]
+
+
+# --------------------------------------------------------------------------- label and name rules
+
+
+def test_bad_labels_become_problem_lines_not_classes(tmp_path: Path) -> None:
+    long_label = "x" * 201
+    csv_text = f'id,breed\nok,pug\nlong,{long_label}\nnul,"pu\x00g"\nesc,"\x1b[31mred"\nnewline,"two\nlines"\n'
+    root = kaggle_tree(tmp_path, csv_text, ["ok.jpg", "long.jpg", "nul.jpg", "esc.jpg", "newline.jpg"])
+
+    items, problems = list_labelled_images(root, DataConfig())
+
+    assert pairs(items) == [("ok.jpg", "pug")]
+    text = "\n".join(problems)
+    assert "line 3: id 'long' has a label 'xxx" in text
+    assert "is 201 characters long, more than data.max_label_chars=200" in text
+    assert "id 'nul' has a label 'pu\\x00g' that contains the control character U+0000 (ignored)" in text
+    assert "id 'esc'" in text and "U+001B" in text
+    assert "id 'newline'" in text and "U+000A" in text
+    assert all("\x00" not in p and "\x1b" not in p and "\n" not in p for p in problems)  # printable lines
+
+
+def test_label_length_limit_is_a_setting(tmp_path: Path) -> None:
+    root = kaggle_tree(tmp_path, "id,breed\na,abcdef\nb,abcde\n", ["a.jpg", "b.jpg"])
+
+    items, problems = list_labelled_images(root, DataConfig(max_label_chars=5))
+
+    assert pairs(items) == [("b.jpg", "abcde")]
+    assert "'abcdef' that is 6 characters long, more than data.max_label_chars=5" in "\n".join(problems)
+
+
+def test_labels_file_over_its_byte_limit_is_refused_before_parsing(tmp_path: Path) -> None:
+    root = kaggle_tree(tmp_path, "id,breed\n" + "a,pug\n" * 200, ["a.jpg"])
+
+    with pytest.raises(DataError, match=r"labels.csv is 1209 bytes, more than data.max_labels_file_bytes=1000"):
+        list_labelled_images(root, DataConfig(max_labels_file_bytes=1000))
+
+
+def test_labels_file_over_its_row_limit_is_refused(tmp_path: Path) -> None:
+    root = kaggle_tree(tmp_path, "id,breed\n" + "".join(f"i{n},pug\n" for n in range(11)), ["i0.jpg"])
+
+    with pytest.raises(DataError, match=r"labels.csv has more than data.max_label_rows=10 rows \(line 12\)"):
+        list_labelled_images(root, DataConfig(max_label_rows=10))
+    assert list_labelled_images(root, DataConfig(max_label_rows=11))[0]
+
+
+def test_a_giant_line_is_refused_before_it_is_read_whole(tmp_path: Path) -> None:
+    from ml.data import layouts
+
+    root = kaggle_tree(tmp_path, "id,breed\na," + "p" * (layouts.MAX_LABELS_LINE_CHARS + 10) + "\n", ["a.jpg"])
+
+    with pytest.raises(DataError, match=r"labels.csv line 2 is longer than 1048576 characters"):
+        list_labelled_images(root, DataConfig())
+
+
+def test_folder_names_that_cannot_be_labels_or_paths_are_problems(tmp_path: Path) -> None:
+    deep = "good/" + "d/" * 40 + "e.jpg"
+    for rel in ("good/a.jpg", "bad\x1bname/b.jpg", "x" * 201 + "/c.jpg", "good/new\nline.jpg", deep):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"x")
+    undecodable = tmp_path.as_posix().encode() + b"/good/\xff\xfe.jpg"  # not UTF-8: Python sees surrogates
+    with open(undecodable, "wb") as fh:
+        fh.write(b"x")
+
+    items, problems = list_labelled_images(tmp_path, DataConfig())
+
+    assert pairs(items) == [("a.jpg", "good")]
+    text = "\n".join(problems)
+    assert "folder 'bad\\x1bname': its name contains the control character U+001B" in text
+    assert "is 201 characters long, more than data.max_label_chars=200" in text
+    assert "file 'good/new\\nline.jpg': control character U+000A in name is not allowed (ignored)" in text
+    assert "more than data.max_name_depth=32 levels deep (ignored)" in text
+    assert "name is not valid UTF-8 (ignored)" in text
+    for problem in problems:
+        problem.encode("utf-8")  # every line can be logged and written to dataset.json
+
+
+def test_a_very_deep_folder_tree_is_walked_without_recursion(tmp_path: Path) -> None:
+    import os
+
+    (tmp_path / "cls").mkdir()
+    (tmp_path / "cls" / "a.jpg").write_bytes(b"x")
+    # 1,200 levels: pathlib's recursive rglob raises RecursionError here. Built relative to the
+    # previous level (dir_fd) to stay under PATH_MAX.
+    fd = os.open(tmp_path / "cls", os.O_RDONLY)
+    try:
+        for _ in range(1200):
+            os.mkdir("d", dir_fd=fd)
+            new = os.open("d", os.O_RDONLY, dir_fd=fd)
+            os.close(fd)
+            fd = new
+    finally:
+        os.close(fd)
+    try:
+        items, problems = list_labelled_images(tmp_path, DataConfig())
+
+        assert pairs(items) == [("a.jpg", "cls")]
+        assert any("more than data.max_name_depth=32 levels deep" in p for p in problems)
+    finally:
+        top = tmp_path / "cls"  # shutil.rmtree recurses per level too: lift the chain one level at a time
+        while (top / "d" / "d").is_dir():
+            os.rename(top / "d" / "d", top / "x")
+            os.rmdir(top / "d")
+            os.rename(top / "x", top / "d")

@@ -191,3 +191,29 @@ def test_top_confusions_lists_largest_off_diagonal_first() -> None:
 
     assert [(r["true"], r["predicted"], r["count"]) for r in result] == [("a", "b", 3), ("b", "a", 1)]
     assert result[0]["fraction_of_true"] == pytest.approx(3 / 8)
+
+
+def test_confusion_is_left_out_of_metrics_above_the_class_cap() -> None:
+    from ml.evaluation.metrics import MAX_CONFUSION_CLASSES, confusion_matrix
+
+    y, probs, labels = _random_case(3000, MAX_CONFUSION_CLASSES + 1, 7)
+
+    result = evaluate_predictions(y, probs, labels)
+
+    assert "confusion" not in result
+    assert "201 classes > 200" in result["confusion_omitted"] and "confusion.csv" in result["confusion_omitted"]
+    full = confusion_matrix(y, probs.argmax(axis=1), len(labels))
+    assert result["top_confusions"] == top_confusions(full, labels, k=10)
+    assert len(result["per_class"]) == MAX_CONFUSION_CLASSES + 1
+    small = evaluate_predictions(*_random_case(3000, MAX_CONFUSION_CLASSES, 7))
+    assert len(small["confusion"]) == MAX_CONFUSION_CLASSES and "confusion_omitted" not in small
+
+
+def test_metrics_of_a_thousand_classes_stay_small() -> None:
+    y, probs, labels = _random_case(2000, 1000, 8)
+
+    size = len(json.dumps(evaluate_predictions(y, probs, labels)))
+
+    # O(K): per-class scores and labels (~130 bytes per class), not K x K (~2 MB more).
+    assert size < 200_000, size
+    assert len(json.dumps(evaluate_predictions(y, probs, labels, max_confusion_classes=1000))) > 2_000_000

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import hashlib
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -129,3 +130,24 @@ def test_near_duplicates_share_a_split() -> None:
         }
         found_mixed |= len(raw) > 1
     assert found_mixed
+
+
+@pytest.mark.parametrize("dense_bucket", [2048, 4])
+def test_a_cluster_of_look_alikes_lands_in_one_split(dense_bucket: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ml.data import manifest as manifest_mod
+
+    monkeypatch.setattr(manifest_mod, "DENSE_BUCKET", dense_bucket)
+    rng = np.random.default_rng(4)
+    base = 0x0123_4567_89AB_CDEF
+    look_alikes = {}
+    for i in range(0, 200, 2):  # every other row of classes a and b: base with 0-3 bits flipped
+        value = base
+        for bit in rng.choice(64, size=int(rng.integers(0, 4)), replace=False):
+            value ^= 1 << int(bit)
+        look_alikes[i] = f"{value:016x}"
+    frame = fake_manifest({"a": 100, "b": 100}, phashes=look_alikes)
+
+    out = assign_splits(frame, **SPLIT_ARGS)
+
+    assert out.loc[list(look_alikes), "split"].nunique() == 1
+    assert out.loc[[i for i in range(200) if i not in look_alikes], "split"].nunique() == 3
