@@ -57,9 +57,9 @@ def hostile_run(pipeline_env, tmp_path_factory):
 
 
 def _safe(run_id: str) -> str:
-    from ml.pipeline import safe_run_id
+    from ml.registry.layout import run_segment
 
-    return safe_run_id(run_id)
+    return run_segment(run_id)
 
 
 def _check_page(text: str, source: str) -> None:

@@ -240,11 +240,12 @@ def _good_files(folder: Path) -> dict[str, dict]:
     return {n: {"sha256": v.sha256_file(p), "size": p.stat().st_size} for n, p in _files(folder).items()}
 
 
-@pytest.mark.parametrize("name", ["../../../escaped.txt", "../../escaped.txt", "/tmp/escaped.txt", "sub/escaped.txt",
+@pytest.mark.parametrize("name", ["../../../escaped.txt", "../../escaped.txt", "{tmp}/escaped.txt", "sub/escaped.txt",
                                   ".escaped"])
 def test_client_refuses_file_names_that_leave_its_cache(
     store: ObjectStore, model_dirs: dict, tmp_path: Path, name: str
 ) -> None:
+    name = name.format(tmp=tmp_path)  # an absolute path outside the consumer's folder
     _publish_and_promote(store, model_dirs["a"], "v1")
     root = tmp_path / "consumer"
     cache = root / "cache"
@@ -260,7 +261,7 @@ def test_client_refuses_file_names_that_leave_its_cache(
     assert served.version == "v1"
     assert "file name in version.json" in (client.last_error or "")
     assert _outside(root, cache) == []
-    assert not Path("/tmp/escaped.txt").exists()
+    assert not (tmp_path / "escaped.txt").exists()
 
 
 def test_client_refuses_an_object_larger_than_version_json_says(

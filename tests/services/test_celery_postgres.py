@@ -40,6 +40,7 @@ from tests.services.airflow_cluster import (
     health,
     http_json,
     service_command,
+    substitute,
 )
 
 pytestmark = [pytest.mark.services, pytest.mark.timeout(900)]
@@ -305,9 +306,12 @@ def runs(scratch_redis, scratch_postgres, seaweed, sample, tmp_path_factory) -> 
     try:
         t0 = time.monotonic()
         # airflow-init, verbatim: migrate, the training pool, the bucket.
-        init = service_command(services["airflow-init"], {**COMPOSE_VARIABLES, "S3_ACCESS_KEY": seaweed.access_key,
-                                                           "S3_SECRET_KEY": seaweed.secret_key})
-        cluster.run(init, name="airflow-init", timeout=240)
+        variables = {**COMPOSE_VARIABLES, "S3_ACCESS_KEY": seaweed.access_key, "S3_SECRET_KEY": seaweed.secret_key}
+        init = service_command(services["airflow-init"], variables)
+        # The keys reach ensure-bucket through the service's environment, as in compose.
+        init_env = {k: substitute(str(v), variables) for k, v in services["airflow-init"]["environment"].items()
+                    if k.startswith("AWS_")}
+        cluster.run(init, name="airflow-init", timeout=240, env=init_env)
         stores["local"].ensure_bucket()
         timings["init_s"] = time.monotonic() - t0
 
@@ -450,7 +454,11 @@ def test_compose_file_describes_what_ran(runs):
         elif "${" not in value and ours != value:
             problems.append(f"{key}: compose {value!r}, the test {ours!r}")
     problems += [f"{k}: set by the test only" for k in sorted(set(runs["compose_env"]) - set(compose_env))]
-    if any(s.get("environment") != compose_env for n, s in services.items() if n.startswith("airflow-")):
+    # airflow-init adds the store keys for ensure-bucket (checked in tests/dags/test_deployment.py).
+    shared = {n: {k: v for k, v in (s.get("environment") or {}).items()
+                  if not (n == "airflow-init" and k.startswith("AWS_"))}
+              for n, s in services.items() if n.startswith("airflow-")}
+    if any(env != compose_env for env in shared.values()):
         problems.append("the airflow services no longer share one environment: the test must follow")
     for name, argv in cluster.started.items():
         compose_name = {"api-server": "airflow-apiserver", "scheduler": "airflow-scheduler",
