@@ -22,13 +22,14 @@ username, password = key), or from the environment when those are not defined.
 
 from __future__ import annotations
 
+import logging
 import os
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pendulum
-from airflow.sdk import Asset, Param, dag, get_current_context, task, task_group
+from airflow.sdk import Asset, Param, TaskGroup, dag, get_current_context, task
 from airflow.sdk.definitions.retry_policy import ExceptionRetryPolicy, RetryAction, RetryRule
 
 from ml.config import PRODUCTION_ASSET_NAME, PRODUCTION_ASSET_URI
@@ -36,17 +37,11 @@ from ml.models.registry import candidate_names
 
 PRODUCTION_MODEL = Asset(name=PRODUCTION_ASSET_NAME, uri=PRODUCTION_ASSET_URI)
 # Cron or preset (default weekly); "none" for manual/API triggers only; "asset:<uri>" for
-# data-aware scheduling (a run whenever a producer DAG updates that dataset Asset). An environment
-# variable, not the YAML file: the scheduler parses this file every few seconds and must not do I/O.
+# data-aware scheduling. An environment variable, not the YAML file: the scheduler parses this
+# file every few seconds and must not do I/O.
 SCHEDULE = os.environ.get("ML_RETRAIN_SCHEDULE", "@weekly").strip()
-
-
-def _schedule(spec: str):
-    if spec.lower() in ("", "none"):
-        return None
-    if spec.startswith("asset:"):
-        return [Asset(spec.removeprefix("asset:"))]
-    return spec
+SCHEDULE_ARG = None if SCHEDULE.lower() in ("", "none") else (
+    [Asset(SCHEDULE.removeprefix("asset:"))] if SCHEDULE.startswith("asset:") else SCHEDULE)
 
 # Deterministic failures: retrying cannot help, so fail at once (I/O errors still retry).
 NO_RETRY_ON_BAD_INPUT = ExceptionRetryPolicy(rules=[
@@ -54,42 +49,35 @@ NO_RETRY_ON_BAD_INPUT = ExceptionRetryPolicy(rules=[
     for name in ("ml.errors.ConfigError", "ml.errors.DataError", "ml.errors.UnknownArchitectureError",
                  "ml.errors.ModelVerificationError", "ml.errors.StorageAuthError")
 ])
-
 DEFAULT_ARGS: dict[str, Any] = {
-    "owner": "mlops",
-    "retries": 2,
-    "retry_delay": timedelta(seconds=20),
-    "retry_exponential_backoff": 2.0,
-    "max_retry_delay": timedelta(minutes=10),
-    "retry_policy": NO_RETRY_ON_BAD_INPUT,
+    "owner": "mlops", "retries": 2, "retry_delay": timedelta(seconds=20), "retry_exponential_backoff": 2.0,
+    "max_retry_delay": timedelta(minutes=10), "retry_policy": NO_RETRY_ON_BAD_INPUT,
     "execution_timeout": timedelta(hours=1),
 }
+TRAINING = dict(pool="training", queue="training", map_index_template="{{ candidate_label }}",
+                execution_timeout=timedelta(hours=6))
 
-# Empty (null) params keep the deployment's config file (config/pipeline.yaml or ML_CONFIG), so
-# scheduled runs do what the file says; a value set in the trigger form overrides it for one run.
+
+def _param(kind: str, title: str, description: str, **schema: Any) -> Param:
+    """An optional trigger-form field: empty (null) keeps the deployment's config file value."""
+    return Param(None, type=["null", kind], title=title, description=description, **schema)
+
+
 PARAMS = {
-    # Nullable like the others: a required "string" with default "" blocks the trigger form (the UI
-    # flags the empty required field and keeps the Trigger button disabled).
-    "source": Param(None, type=["null", "string"], title="Dataset source",
-                    description="kaggle:competitions/<slug>, kaggle:datasets/<owner>/<slug>, s3://bucket/prefix, "
-                                "a .zip or a folder. Empty: data.source from the config file."),
-    "candidates": Param(None, type=["null", "array"], title="Candidates",
-                        description="Models to train in parallel, one task each. Empty: train.candidates.",
-                        examples=candidate_names(), items={"type": "string", "enum": candidate_names()},
-                        minItems=1),
-    "epochs": Param(None, type=["null", "integer"], minimum=1, maximum=200, title="Epochs",
-                    description="Maximum epochs per candidate (early stopping may end sooner). Empty: train.epochs."),
-    "image_size": Param(None, type=["null", "integer"], minimum=32, maximum=600, title="Image size (px)",
-                        description="Square input size for every candidate. Empty: train.image_size."),
-    "weights": Param(None, type=["null", "string"], title="Backbone weights",
-                     description="imagenet (Keras cache; pre-stage it on air-gapped workers), none, "
-                                 "a weights file path or an s3:// URI. Empty: train.weights."),
-    "finetune_top_k": Param(None, type=["null", "integer"], minimum=0, maximum=10, title="Fine-tune top k",
-                            description="How many of the best transfer candidates to fine-tune. "
-                                        "Empty: train.finetune_top_k."),
-    "min_delta": Param(None, type=["null", "number"], minimum=0, maximum=1, title="Minimum improvement",
-                       description="A challenger must beat production by this much on the gate metric. "
-                                   "Empty: gate.min_delta."),
+    "source": _param("string", "Dataset source", "kaggle:competitions/<slug>, kaggle:datasets/<owner>/<slug>, "
+                     "s3://bucket/prefix, a .zip or a folder. Empty: data.source from the config file."),
+    "candidates": _param("array", "Candidates", "Models to train in parallel, one task each. Empty: train.candidates.",
+                         examples=candidate_names(), items={"type": "string", "enum": candidate_names()}, minItems=1),
+    "epochs": _param("integer", "Epochs", "Maximum epochs per candidate (early stopping may end sooner). "
+                     "Empty: train.epochs.", minimum=1, maximum=200),
+    "image_size": _param("integer", "Image size (px)", "Square input size for every candidate. "
+                         "Empty: train.image_size.", minimum=32, maximum=600),
+    "weights": _param("string", "Backbone weights", "imagenet (Keras cache; pre-stage it on air-gapped workers), "
+                      "none, a weights file path or an s3:// URI. Empty: train.weights."),
+    "finetune_top_k": _param("integer", "Fine-tune top k", "How many of the best transfer candidates to fine-tune. "
+                             "Empty: train.finetune_top_k.", minimum=0, maximum=10),
+    "min_delta": _param("number", "Minimum improvement", "A challenger must beat production by this much on the "
+                        "gate metric. Empty: gate.min_delta.", minimum=0, maximum=1),
     "force": Param(False, type="boolean", title="Force",
                    description="Train even if production saw this exact dataset; promote if floors pass."),
     "allow_label_change": Param(False, type="boolean", title="Allow a different label set",
@@ -97,10 +85,11 @@ PARAMS = {
 }
 
 
-def _config():
+def _config(params: dict | None = None):
     from ml.config import PipelineConfig, overrides_from_params
 
-    return PipelineConfig.load(overrides=overrides_from_params(get_current_context()["params"]))
+    params = get_current_context()["params"] if params is None else params
+    return PipelineConfig.load(overrides=overrides_from_params(params))
 
 
 def _store(config):
@@ -109,170 +98,155 @@ def _store(config):
     return object_store(config)
 
 
-def _kaggle_credentials():
-    from _shared.connections import kaggle_credentials
-
-    return kaggle_credentials()
-
-
 def _run_id() -> str:
     return get_current_context()["run_id"]
 
 
 def _on_failure(context) -> None:
-    """One concise line per failed task (which task, which candidate, the error's first line)."""
-    from ml.pipeline import record_failure
+    """One concise line per failed task, recorded through the same store the tasks use."""
+    from ml.registry.runs import record_failure
 
-    ti = context["task_instance"]
-    error = context.get("exception")
-    record_failure(context["run_id"], ti.task_id, getattr(ti, "rendered_map_index", None) or ti.map_index, error)
+    ti, config = context["task_instance"], _config(context["params"])
+    record_failure(config, _store(config), context["run_id"], ti.task_id,
+                   getattr(ti, "rendered_map_index", None) or ti.map_index, context.get("exception"))
 
 
-@dag(
-    dag_id=Path(__file__).stem,
-    doc_md=__doc__,
-    schedule=_schedule(SCHEDULE),
-    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
-    catchup=False,
-    max_active_runs=1,
-    default_args={**DEFAULT_ARGS, "on_failure_callback": _on_failure},
-    params=PARAMS,
-    tags=["ml", "training"],
-)
+@task(retries=3)
+def ingest() -> dict:
+    """Fetch the source into a content-addressed dataset folder with manifest and splits."""
+    from _shared.connections import kaggle_credentials
+
+    from ml.pipeline import ingest_stage
+
+    config = _config()
+    return ingest_stage(config, _store(config), kaggle_credentials=kaggle_credentials())
+
+
+@task  # retries are for the store; a failing suite is a DataError and fails at once
+def validate(dataset: dict) -> dict:
+    """Great Expectations suite over the manifest; failing expectations stop the run."""
+    from ml.pipeline import validate_stage
+
+    config = _config()
+    return validate_stage(dataset["dataset_dir"], config, _store(config), _run_id())
+
+
+@task.short_circuit
+def should_train(dataset: dict, quality: dict) -> bool:
+    """Skip training when production was trained on this exact dataset (unless force)."""
+    from ml.pipeline import should_train as decide
+
+    config = _config()
+    verdict = decide(dataset, config, _store(config), _run_id())
+    logging.getLogger(__name__).info("should_train: %s (%s)", verdict["train"], verdict["reason"])
+    return verdict["train"]
+
+
+@task
+def prepare(dataset: dict) -> list[str]:
+    """Build the decoded-image cache; return the candidates to train."""
+    from ml.pipeline import prepare_stage
+
+    config = _config()
+    prepare_stage(dataset["dataset_dir"], config)
+    return list(config.train.candidates)
+
+
+@task(**TRAINING)
+def train(dataset: dict, candidate: str) -> dict:
+    """Train one candidate; publish model, history and summary under runs/<run_id>/<candidate>/."""
+    from ml.pipeline import train_stage
+
+    get_current_context()["candidate_label"] = candidate
+    config = _config()
+    return train_stage(dataset["dataset_dir"], candidate, config, _store(config), _run_id())
+
+
+@task
+def pick_for_finetuning(results: list[dict]) -> list[str]:
+    """The top-k transfer candidates by validation accuracy."""
+    from ml.pipeline import select_for_finetuning
+
+    # By index: iterating a mapped result probes one past the end and logs an error.
+    return select_for_finetuning([results[i] for i in range(len(results))], _config())
+
+
+@task(**TRAINING)
+def finetune(dataset: dict, transfer_candidate: str) -> dict:
+    """Unfreeze the backbone from its boundary layer and train on at a lower learning rate."""
+    from ml.pipeline import finetune_stage
+
+    get_current_context()["candidate_label"] = "finetune_" + transfer_candidate.removeprefix("transfer_")
+    config = _config()
+    return finetune_stage(dataset["dataset_dir"], transfer_candidate, config, _store(config), _run_id())
+
+
+# Skipped upstreams are fine (a fine-tune mapped over zero candidates is "skipped"); a failed
+# training is not: the run stops there, and clearing that task resumes it. Results are read from
+# the store, so retried or cleared tasks are picked up as published.
+@task(trigger_rule="none_failed_min_one_success")
+def evaluate(dataset: dict) -> dict:
+    """Every candidate and the production model on the same test split; the leaderboard."""
+    from ml.pipeline import evaluate_stage
+    from ml.registry.runs import published_candidates
+
+    config = _config()
+    store = _store(config)
+    results = published_candidates(config, store, _run_id())
+    return evaluate_stage(dataset["dataset_dir"], results, config, store, _run_id())
+
+
+@task(retries=1)
+def gate(dataset: dict, evaluation: dict) -> dict:
+    """Champion/challenger decision with reasons (numbers included)."""
+    from ml.pipeline import gate_stage
+
+    config = _config()
+    return gate_stage(dataset["dataset_dir"], evaluation, config, _store(config), _run_id())
+
+
+@task
+def promote(dataset: dict, evaluation: dict, decision: dict, quality: dict) -> dict:
+    """Publish an immutable version and move production.json by conditional write."""
+    from ml.pipeline import promote_stage
+
+    config = _config()
+    actor = f"airflow:{get_current_context()['dag'].dag_id}"
+    return promote_stage(dataset, evaluation, decision, config, _store(config), _run_id(), actor=actor,
+                         quality=quality)
+
+
+@task.short_circuit(retries=0)
+def promoted(result: dict) -> bool:
+    """Only a real pointer move is announced to consumers."""
+    return bool(result["promoted"])
+
+
+@task(outlets=[PRODUCTION_MODEL], retries=0)
+def announce(result: dict) -> None:
+    """Emit the production-model Asset event (consumers' DAGs are scheduled on it)."""
+    get_current_context()["outlet_events"][PRODUCTION_MODEL].extra = {"version": result["version"],
+                                                                      "uri": result["uri"]}
+
+
+@dag(dag_id=Path(__file__).stem, doc_md=__doc__, schedule=SCHEDULE_ARG,
+     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"), catchup=False, max_active_runs=1,
+     default_args={**DEFAULT_ARGS, "on_failure_callback": _on_failure}, params=PARAMS, tags=["ml", "training"])
 def image_classifier_retraining():
-    @task_group(group_id="data")
-    def data_stage():
-        @task(retries=3)
-        def ingest() -> dict:
-            """Fetch the source into a content-addressed dataset folder with manifest and splits."""
-            from ml.pipeline import ingest_stage
-
-            config = _config()
-            return ingest_stage(config, _store(config), kaggle_credentials=_kaggle_credentials())
-
-        # Retries are for the store (a restart mid-upload); a failing suite is a DataError and
-        # NO_RETRY_ON_BAD_INPUT fails it at once.
-        @task
-        def validate(dataset: dict) -> dict:
-            """Great Expectations suite over the manifest; failing expectations stop the run."""
-            from ml.pipeline import validate_stage
-
-            config = _config()
-            return validate_stage(dataset["dataset_dir"], config, _store(config), _run_id())
-
-        @task.short_circuit
-        def should_train(dataset: dict, quality: dict) -> bool:
-            """Skip training when production was trained on this exact dataset (unless force)."""
-            import logging
-
-            from ml.pipeline import should_train as decide
-
-            config = _config()
-            verdict = decide(dataset, config, _store(config), _run_id())
-            logging.getLogger(__name__).info("should_train: %s (%s)", verdict["train"], verdict["reason"])
-            return verdict["train"]
-
+    with TaskGroup("data"):
         dataset = ingest()
         quality = validate(dataset)
-        return dataset, quality, should_train(dataset, quality)
-
-    @task_group(group_id="training")
-    def training_stage(dataset, go):
-        @task
-        def prepare(dataset: dict) -> list[str]:
-            """Build the shared decoded-image cache; return the candidates to train."""
-            from ml.pipeline import prepare_stage
-
-            config = _config()
-            prepare_stage(dataset["dataset_dir"], config)
-            return list(config.train.candidates)
-
-        @task(pool="training", queue="training", map_index_template="{{ candidate_label }}",
-              execution_timeout=timedelta(hours=6))
-        def train(dataset: dict, candidate: str) -> dict:
-            """Train one candidate; publish model, history and summary under runs/<run_id>/<candidate>/."""
-            from ml.pipeline import train_stage
-
-            get_current_context()["candidate_label"] = candidate
-            config = _config()
-            return train_stage(dataset["dataset_dir"], candidate, config, _store(config), _run_id())
-
-        @task
-        def pick_for_finetuning(results: list[dict]) -> list[str]:
-            """The top-k transfer candidates by validation accuracy."""
-            from ml.pipeline import select_for_finetuning
-
-            # By index: iterating a mapped result probes one past the end and logs an error.
-            return select_for_finetuning([results[i] for i in range(len(results))], _config())
-
-        @task(pool="training", queue="training", map_index_template="{{ candidate_label }}",
-              execution_timeout=timedelta(hours=6))
-        def finetune(dataset: dict, transfer_candidate: str) -> dict:
-            """Unfreeze the backbone from its boundary layer and train on at a lower learning rate."""
-            from ml.pipeline import finetune_stage
-
-            get_current_context()["candidate_label"] = "finetune_" + transfer_candidate.removeprefix("transfer_")
-            config = _config()
-            return finetune_stage(dataset["dataset_dir"], transfer_candidate, config, _store(config), _run_id())
-
+        go = should_train(dataset, quality)
+    with TaskGroup("training"):
         candidates = prepare(dataset)
         go >> candidates
         trained = train.partial(dataset=dataset).expand(candidate=candidates)
         finetuned = finetune.partial(dataset=dataset).expand(transfer_candidate=pick_for_finetuning(trained))
-        return trained, finetuned
-
-    @task_group(group_id="release")
-    def release_stage(dataset, quality, trained, finetuned):
-        # Skipped upstreams are fine (a fine-tune mapped over zero candidates is "skipped");
-        # a failed training is not: the run stops there, and clearing that task resumes it.
-        # Results are read from the store, so retried or cleared tasks are picked up as published.
-        @task(trigger_rule="none_failed_min_one_success")
-        def evaluate(dataset: dict) -> dict:
-            """Every candidate and the production model on the same test split; the leaderboard."""
-            from ml.pipeline import evaluate_stage, published_candidates
-
-            config = _config()
-            store = _store(config)
-            results = published_candidates(config, store, _run_id())
-            return evaluate_stage(dataset["dataset_dir"], results, config, store, _run_id())
-
-        @task(retries=1)
-        def gate(dataset: dict, evaluation: dict) -> dict:
-            """Champion/challenger decision with reasons (numbers included)."""
-            from ml.pipeline import gate_stage
-
-            config = _config()
-            return gate_stage(dataset["dataset_dir"], evaluation, config, _store(config), _run_id())
-
-        @task
-        def promote(dataset: dict, evaluation: dict, decision: dict, quality: dict) -> dict:
-            """Publish an immutable version and move production.json by conditional write."""
-            from ml.pipeline import promote_stage
-
-            config = _config()
-            actor = f"airflow:{get_current_context()['dag'].dag_id}"
-            return promote_stage(dataset, evaluation, decision, config, _store(config), _run_id(),
-                                 actor=actor, quality=quality)
-
-        @task.short_circuit(retries=0)
-        def promoted(result: dict) -> bool:
-            """Only a real pointer move is announced to consumers."""
-            return bool(result["promoted"])
-
-        @task(outlets=[PRODUCTION_MODEL], retries=0)
-        def announce(result: dict) -> None:
-            """Emit the production-model Asset event (consumers' DAGs are scheduled on it)."""
-            get_current_context()["outlet_events"][PRODUCTION_MODEL].extra = {
-                "version": result["version"], "uri": result["uri"]}
-
+    with TaskGroup("release"):
         evaluation = evaluate(dataset)
         [trained, finetuned] >> evaluation
         result = promote(dataset, evaluation, gate(dataset, evaluation), quality)
         promoted(result) >> announce(result)
-
-    dataset, quality, go = data_stage()
-    trained, finetuned = training_stage(dataset, go)
-    release_stage(dataset, quality, trained, finetuned)
 
 
 image_classifier_retraining()

@@ -31,9 +31,9 @@ DEMO_STORE_STATE = REPO_ROOT / ".demo" / "seaweed" / "state.json"
 
 
 def _print_json(obj: Any) -> None:
-    from ml.pipeline import _jsonable
+    from ml.io import to_jsonable
 
-    print(json.dumps(_jsonable(obj), indent=2, sort_keys=True))
+    print(json.dumps(to_jsonable(obj), indent=2, sort_keys=True))
 
 
 def _config(args: argparse.Namespace, **params: Any) -> PipelineConfig:
@@ -42,14 +42,14 @@ def _config(args: argparse.Namespace, **params: Any) -> PipelineConfig:
 
 def open_store(config: PipelineConfig) -> ObjectStore:
     """The configured store; falls back to the running demo store when no credentials are set."""
-    from ml.registry.store import ObjectStore
+    from ml.registry.store import store_from_credentials
 
     if not os.environ.get("AWS_ACCESS_KEY_ID") and DEMO_STORE_STATE.exists():
         state = json.loads(DEMO_STORE_STATE.read_text())
         log.info("no AWS_ACCESS_KEY_ID set: using the demo object store at %s", state["endpoint_url"])
-        return ObjectStore(config.storage.bucket, endpoint_url=state["endpoint_url"],
-                           access_key=state["access_key"], secret_key=state["secret_key"])
-    return ObjectStore.from_config(config.storage)
+        return store_from_credentials(config.storage, login=state["access_key"], password=state["secret_key"],
+                                      extra={"endpoint_url": state["endpoint_url"]})
+    return store_from_credentials(config.storage)
 
 
 def _arg(check):
@@ -126,7 +126,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from ml.pipeline import cache_root
+    from ml.registry.runs import cache_root
     from ml.training.fit import train_candidate
 
     config = _config(args, epochs=args.epochs, image_size=args.image_size, weights=args.weights)
@@ -137,8 +137,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from ml.pipeline import evaluate_stage, local_run_dir
+    from ml.pipeline import evaluate_stage
     from ml.registry.layout import check_candidate
+    from ml.registry.runs import local_run_dir
 
     config = _config(args)
     results = []
@@ -167,7 +168,6 @@ def cmd_run(args: argparse.Namespace) -> int:
         finetune_stage,
         gate_stage,
         ingest_stage,
-        new_run_id,
         prepare_stage,
         promote_stage,
         select_for_finetuning,
@@ -175,6 +175,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         train_stage,
         validate_stage,
     )
+    from ml.registry.runs import new_run_id
 
     config = _config(args, source=args.source, candidates=args.candidates, epochs=args.epochs,
                      image_size=args.image_size, weights=args.weights, min_delta=args.min_delta, force=args.force)
@@ -200,7 +201,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_promote(args: argparse.Namespace) -> int:
     """Gate a run's evaluated best candidate against production and promote it if it wins."""
-    from ml.pipeline import gate_stage, local_run_dir, promote_stage
+    from ml.pipeline import gate_stage, promote_stage
+    from ml.registry.runs import local_run_dir
 
     config = _config(args, min_delta=args.min_delta, force=args.force)
     store = open_store(config)

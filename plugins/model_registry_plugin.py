@@ -27,14 +27,11 @@ import this module import neither FastAPI nor Airflow's API security module.
 
 from __future__ import annotations
 
-import base64
-import html
 import logging
 import posixpath
 import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
-from urllib.parse import unquote
 
 from airflow.plugins_manager import AirflowPlugin
 
@@ -71,13 +68,6 @@ SECURITY_HEADERS = {
 }
 
 STORE_UNAVAILABLE = "the model registry's object store is unavailable; the api-server log has the details"
-# A run report embeds a few PNGs per candidate (curves, confusion); 5 MiB per image and 40 MiB
-# per page are far above what the pipeline writes and bound what one request reads into memory.
-MAX_INLINE_IMAGE_BYTES = 5 * 2**20
-MAX_INLINE_PAGE_BYTES = 40 * 2**20
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-# An <img src=...> or <a href=...> attribute (quoted, as every HTML writer here quotes them).
-_PNG_REF = re.compile(r"""(<(img|a)\b[^>]*?\s(src|href)\s*=\s*)(["'])([^"'<>]*)\4""", re.IGNORECASE)
 _SAFE_FILENAME = re.compile(r"[^A-Za-z0-9._-]")
 
 
@@ -86,71 +76,16 @@ def _store() -> tuple[ObjectStore, str]:
     from airflow.models.connection import Connection
 
     from ml.config import PipelineConfig
-    from ml.registry.store import ObjectStore
+    from ml.registry.store import store_from_credentials
 
     config = PipelineConfig.load()
     try:
         conn = Connection.get_connection_from_secrets("ml_object_store")
     except AirflowNotFoundException:
-        return ObjectStore.from_config(config.storage), config.storage.model_name
-    extra = conn.extra_dejson
-    store = ObjectStore(config.storage.bucket, endpoint_url=extra.get("endpoint_url") or config.storage.endpoint_url,
-                        access_key=conn.login, secret_key=conn.password,
-                        region=extra.get("region_name") or config.storage.region)
+        return store_from_credentials(config.storage), config.storage.model_name
+    store = store_from_credentials(config.storage, login=conn.login, password=conn.password,
+                                   extra=conn.extra_dejson)
     return store, config.storage.model_name
-
-
-def inline_images(page: str, page_path: str, read: Callable[[str], tuple[bytes, str]]) -> str:
-    """Embed the PNGs a stored HTML page references by relative path (`<img src>`, `<a href>`) as data: URIs.
-
-    A stored page is served sandboxed: its own requests and in-frame navigations carry no
-    Airflow cookie, so a relative image or link to another artifact would only meet the login.
-
-    Args:
-        page: the HTML text as stored.
-        page_path: its artifact path (e.g. ``runs/<run>/report.html``); references resolve from
-            its folder.
-        read: reads an artifact path (with the registry's allow-list) and returns (bytes, type).
-
-    Returns:
-        The page with every resolvable PNG embedded; other references are left as they are
-        (the artifact CSP stops them loading).
-    """
-    base = posixpath.dirname(page_path)
-    budget = [MAX_INLINE_PAGE_BYTES]
-    embedded: dict[str, str | None] = {}
-
-    def data_uri(target: str) -> str | None:
-        if target not in embedded:
-            embedded[target] = None
-            try:
-                body, _ = read(target)
-            except (PermissionError, LookupError) as exc:
-                log.info("model registry: %s: image %s not embedded: %s", page_path, target, exc)
-                return None
-            if not body.startswith(_PNG_SIGNATURE) or len(body) > min(MAX_INLINE_IMAGE_BYTES, budget[0]):
-                log.warning("model registry: %s: image %s not embedded (%d bytes, PNG signature %s)",
-                            page_path, target, len(body), body.startswith(_PNG_SIGNATURE))
-                return None
-            budget[0] -= len(body)
-            embedded[target] = "data:image/png;base64," + base64.b64encode(body).decode()
-        return embedded[target]
-
-    def embed(match: re.Match[str]) -> str:
-        ref = unquote(html.unescape(match.group(5)).strip())
-        # Only relative paths: no scheme (http:, data:, javascript:), no absolute or
-        # protocol-relative URL, no fragment, no query.
-        if not ref or ref.startswith(("/", "\\", "#")) or ":" in ref.split("/", 1)[0] or "?" in ref:
-            return match.group(0)
-        target = posixpath.normpath(posixpath.join(base, ref))
-        if target.startswith("../") or not target.lower().endswith(".png"):
-            return match.group(0)
-        uri = data_uri(target)
-        if uri is None:
-            return match.group(0)
-        return f"{match.group(1)}{match.group(4)}{uri}{match.group(4)}"
-
-    return _PNG_REF.sub(embed, page)
 
 
 def create_app() -> FastAPI:
@@ -238,7 +173,7 @@ def create_app() -> FastAPI:
         try:
             body, content_type = read(path)
             if content_type.startswith("text/html"):
-                body = inline_images(body.decode("utf-8", errors="replace"), path, read).encode()
+                body = browser.embed_png_links(body.decode("utf-8", errors="replace"), path, read).encode()
         except PermissionError as exc:
             raise fail(403, "not served here: only reports and plots under runs/ and versions/",
                        f"artifact {path!r}", exc) from None

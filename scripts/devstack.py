@@ -103,9 +103,9 @@ def print_outcome(server: SeaweedServer, run_id: str | None) -> int:
     if entry is None:
         say("the run recorded no gate decision (see the task logs under .demo/airflow/logs)")
         return 1
-    from ml.registry.layout import run_segment
+    from ml.registry.layout import REPORT_FILE, run_key
 
-    report = store.get_json(f"{MODEL_NAME}/runs/{run_segment(entry['run_id'])}/report.json")
+    report = store.get_json(run_key(MODEL_NAME, entry["run_id"], REPORT_FILE))
     print()
     print(format_leaderboard_table(report["leaderboard"], production=report.get("production")))
     print()
@@ -117,7 +117,7 @@ def print_outcome(server: SeaweedServer, run_id: str | None) -> int:
     if pointer:
         say(f"production model: {pointer['uri']} (version {pointer['version']}, "
             f"test accuracy {pointer['metrics'].get('accuracy', float('nan')):.3f})")
-    report_key = f"{MODEL_NAME}/runs/{run_segment(entry['run_id'])}/report.html"
+    report_key = run_key(MODEL_NAME, entry["run_id"], "report.html")
     say(f"run report: {store.uri(report_key)}")
     return 0
 

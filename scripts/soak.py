@@ -60,6 +60,7 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
 
+from ml.registry import layout  # noqa: E402
 from scripts.airflow_stack import AirflowStack, TaskState, free_port  # noqa: E402
 
 MODEL = "image-classifier"
@@ -392,7 +393,6 @@ class Soak:
 
     # -- invariants ------------------------------------------------------------------------
     def check_invariants(self, run_started: datetime) -> None:
-        from ml.registry.layout import run_segment
         from ml.registry.versions import (
             IncompleteVersionError,
             promotion_history,
@@ -416,7 +416,7 @@ class Soak:
         history = promotion_history(self.store, MODEL)
         moves = [e for e in history if e.get("action") in ("promote", "rollback")]
         for entry in moves:
-            key = f"{MODEL}/runs/{run_segment(str(entry.get('run_id')))}/gate.json"
+            key = layout.run_key(MODEL, str(entry.get("run_id")), layout.GATE_FILE)
             found = self.store.get_with_etag(key)
             if found is None or not json.loads(found[0]).get("promote"):
                 self.violation(f"promotion {entry['key']} has no gate decision to promote at {key}")
@@ -456,19 +456,20 @@ class Soak:
                 self.violation(f"{run_id}: the image cache is still corrupt after the run: {exc}")
 
     def check_orphans(self, run_started: datetime) -> None:
-        keys = self.store.list_keys(f"{MODEL}/")
+        keys = self.store.list_keys(layout.model_root(MODEL))
         key_set = set(keys)
-        versions = {k.split("/")[2] for k in keys if k.startswith(f"{MODEL}/versions/")}
+        root = layout.versions_root(MODEL)
+        versions = {k[len(root):].split("/", 1)[0] for k in keys if k.startswith(root)}
         for version in versions:
-            prefix = f"{MODEL}/versions/{version}/"
-            if prefix + "COMPLETE" not in key_set:
+            prefix = layout.version_prefix(MODEL, version)
+            if layout.version_key(MODEL, version, layout.COMPLETE_MARKER) not in key_set:
                 first = self.store.head(next(k for k in keys if k.startswith(prefix)))
                 if first and first["last_modified"] < run_started:
                     self.violation(f"incomplete version {version} left from an earlier run")
         for key in keys:
             parts = key.split("/")
-            if len(parts) == 5 and parts[1] == "runs" and parts[4] == "model.keras":
-                marker = "/".join(parts[:4]) + "/train_summary.json"
+            if len(parts) == 5 and parts[1] == "runs" and parts[4] == layout.MODEL_FILE:
+                marker = "/".join(parts[:4]) + "/" + layout.CANDIDATE_MARKER
                 if marker not in key_set:
                     self.violation(f"candidate {'/'.join(parts[:4])} has files but no marker")
         cutoff = run_started.timestamp()

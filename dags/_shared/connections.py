@@ -31,16 +31,13 @@ def _connection(conn_id: str):
 
 
 def object_store(config: PipelineConfig) -> ObjectStore:
-    """The pipeline's object store, authenticated from the `ml_object_store` connection."""
-    from ml.registry.store import ObjectStore
+    """The pipeline's object store, authenticated from the `ml_object_store` connection (else the environment)."""
+    from ml.registry.store import store_from_credentials
 
     conn = _connection(STORE_CONN_ID)
     if conn is None:
-        return ObjectStore.from_config(config.storage)
-    extra = conn.extra_dejson
-    return ObjectStore(config.storage.bucket, endpoint_url=extra.get("endpoint_url") or config.storage.endpoint_url,
-                       access_key=conn.login, secret_key=conn.password,
-                       region=extra.get("region_name") or config.storage.region)
+        return store_from_credentials(config.storage)
+    return store_from_credentials(config.storage, login=conn.login, password=conn.password, extra=conn.extra_dejson)
 
 
 def kaggle_credentials() -> tuple[str, str] | None:

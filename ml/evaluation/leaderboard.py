@@ -9,7 +9,6 @@ the model card so the three look alike. Everything user-supplied is escaped.
 
 from __future__ import annotations
 
-import html
 import json
 import logging
 import math
@@ -17,10 +16,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from ml.errors import ConfigError, DataError
-from ml.evaluation.metrics import write_atomic
+from ml.evaluation.html import esc, html_page
+from ml.io import to_jsonable, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -239,55 +237,6 @@ def format_leaderboard_table(
     if prod_line:
         lines += [rule, render(prod_line), "* production model scored on the same test split"]
     return "\n".join(lines)
-
-
-def to_jsonable(value: Any) -> Any:
-    """A copy with numpy scalars/arrays, Paths, tuples and sets made JSON-safe; NaN/inf -> None."""
-    if isinstance(value, Mapping):
-        return {str(k): to_jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple, set, frozenset)):
-        return [to_jsonable(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return to_jsonable(value.tolist())
-    if isinstance(value, np.generic):
-        return to_jsonable(value.item())
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, Path):
-        return str(value)
-    if value is None or isinstance(value, (str, int, bool)):
-        return value
-    return str(value)
-
-
-_CSS = """
-body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:2em auto;max-width:1200px;
-padding:0 1em;color:#222;line-height:1.45}
-h1{font-size:1.6em;border-bottom:2px solid #3b75af;padding-bottom:.2em}h2{font-size:1.25em;margin-top:1.6em}
-table{border-collapse:collapse;margin:.6em 0;font-size:.9em}th,td{border:1px solid #ccc;padding:.25em .55em}
-th{background:#eef3f8;text-align:left}td.num{text-align:right;font-variant-numeric:tabular-nums}
-tr.failed td{color:#888}tr.over-budget td{background:#fff4e5}
-tr.production td{background:#fdecea;font-weight:600}
-tr.best td{background:#eaf6ea}.ok{color:#1e7b34}.bad{color:#b3261e}.warn{color:#a15c00}
-.muted{color:#666;font-size:.9em}code,pre{background:#f5f5f5;padding:.1em .3em;border-radius:3px}
-pre{padding:.6em;overflow-x:auto;font-size:.85em}img{max-width:100%;border:1px solid #ddd}
-.figures{display:flex;flex-wrap:wrap;gap:1em}.figures figure{margin:0;flex:1 1 420px}
-details{margin:.5em 0}summary{cursor:pointer}
-"""
-
-
-def html_page(title: str, body: str) -> str:
-    """A complete, self-contained HTML document (inline CSS, no external assets). `title` is escaped."""
-    return (
-        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-        "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
-        f"<title>{html.escape(title)}</title><style>{_CSS}</style></head>\n<body>\n{body}\n</body></html>\n"
-    )
-
-
-def esc(value: Any) -> str:
-    """html.escape of str(value), quotes included."""
-    return html.escape(str(value), quote=True)
 
 
 def leaderboard_html_table(

@@ -11,13 +11,13 @@ import csv
 import io
 import logging
 import math
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from ml.errors import DataError
+from ml.io import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -282,24 +282,3 @@ def mcnemar_exact_p(b: int, c: int) -> float:
         return 1.0
     tail = sum(math.comb(n, i) for i in range(min(b, c) + 1)) / 2**n
     return float(min(1.0, 2 * tail))
-
-
-def write_atomic(path: str | Path, data: bytes | str) -> Path:
-    """Write `data` to a temporary file next to `path`, then rename it into place.
-
-    A reader never sees a half-written file (a crashed task leaves only a ``.tmp`` file).
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    payload = data.encode("utf-8") if isinstance(data, str) else data
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(payload)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path

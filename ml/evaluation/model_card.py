@@ -14,9 +14,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ml.evaluation.leaderboard import esc, html_page, leaderboard_html_table, to_jsonable
+from ml.evaluation.html import esc, html_page, num, pct
+from ml.evaluation.leaderboard import leaderboard_html_table
 from ml.evaluation.metrics import top_confusions
 from ml.evaluation.report import dataset_section, decision_section, quality_section
+from ml.io import to_jsonable
 
 log = logging.getLogger(__name__)
 
@@ -50,19 +52,11 @@ def _image_size(lineage: Mapping[str, Any], preprocessing: Mapping[str, Any] | N
     return None
 
 
-def _pct(value: Any) -> str:
-    return f"{value * 100:.1f}%" if isinstance(value, (int, float)) else "-"
-
-
-def _num(value: Any, digits: int = 3) -> str:
-    return f"{value:.{digits}f}" if isinstance(value, (int, float)) else "-"
-
-
 def _per_class_table(per_class: Mapping[str, Mapping[str, Any]]) -> str:
     rows = sorted(per_class.items(), key=lambda kv: (kv[1].get("f1", 0.0), str(kv[0])))
     body = "".join(
-        f"<tr><td>{esc(label)}</td><td class=\"num\">{esc(_num(s.get('precision')))}</td>"
-        f"<td class=\"num\">{esc(_num(s.get('recall')))}</td><td class=\"num\">{esc(_num(s.get('f1')))}</td>"
+        f"<tr><td>{esc(label)}</td><td class=\"num\">{esc(num(s.get('precision')))}</td>"
+        f"<td class=\"num\">{esc(num(s.get('recall')))}</td><td class=\"num\">{esc(num(s.get('f1')))}</td>"
         f"<td class=\"num\">{esc(s.get('support', '-'))}</td></tr>"
         for label, s in rows)
     return (f"<details><summary>Per-class metrics ({len(rows)} classes, worst F1 first)</summary>"
@@ -116,9 +110,9 @@ def render_model_card(
         f"<p><strong>{esc(model_name)}</strong> version <code>{esc(version)}</code>, trained as candidate "
         f"<code>{esc(candidate)}</code>, classifies an image into one of {n_classes} classes. "
         f"On the held-out test split of {esc(n_test if n_test is not None else '?')} images it reaches "
-        f"<strong>{esc(_pct(metrics.get('accuracy')))}</strong> accuracy "
-        f"(top-{esc(metrics.get('top_k', 5))} {esc(_pct(metrics.get('top5_accuracy')))}, chance "
-        f"{esc(_pct(metrics.get('chance_accuracy', 1 / n_classes if n_classes else None)))}).</p>"
+        f"<strong>{esc(pct(metrics.get('accuracy')))}</strong> accuracy "
+        f"(top-{esc(metrics.get('top_k', 5))} {esc(pct(metrics.get('top5_accuracy')))}, chance "
+        f"{esc(pct(metrics.get('chance_accuracy', 1 / n_classes if n_classes else None)))}).</p>"
     )
     limitations = [
         f"Trained only on the dataset <code>{esc(dataset.get('dataset_hash', '?'))}</code> "
@@ -135,17 +129,17 @@ def render_model_card(
     ]
     if worst:
         limitations.append("Weakest classes by recall: " + ", ".join(
-            f"{esc(label)} ({esc(_pct(s.get('recall')))})" for label, s in worst) + ".")
+            f"{esc(label)} ({esc(pct(s.get('recall')))})" for label, s in worst) + ".")
 
     metrics_table = "".join(
         f"<tr><th>{esc(name)}</th><td class=\"num\">{esc(value)}</td></tr>"
         for name, value in (
-            ("accuracy", _pct(metrics.get("accuracy"))),
-            (f"top-{metrics.get('top_k', 5)} accuracy", _pct(metrics.get("top5_accuracy"))),
-            ("log loss (Kaggle, clipped 1e-15)", _num(metrics.get("log_loss"))),
-            ("macro F1", _num(metrics.get("macro_f1"))),
-            ("expected calibration error (15 bins)", _num(metrics.get("ece"))),
-            ("chance accuracy (1/K)", _pct(metrics.get("chance_accuracy"))),
+            ("accuracy", pct(metrics.get("accuracy"))),
+            (f"top-{metrics.get('top_k', 5)} accuracy", pct(metrics.get("top5_accuracy"))),
+            ("log loss (Kaggle, clipped 1e-15)", num(metrics.get("log_loss"))),
+            ("macro F1", num(metrics.get("macro_f1"))),
+            ("expected calibration error (15 bins)", num(metrics.get("ece"))),
+            ("chance accuracy (1/K)", pct(metrics.get("chance_accuracy"))),
             ("test images", metrics.get("n", "-")),
         ))
     confusion_list = ""
@@ -154,7 +148,7 @@ def render_model_card(
                           "<th>images</th><th>share of true class</th></tr>" + "".join(
                               f"<tr><td>{esc(c['true'])}</td><td>{esc(c['predicted'])}</td>"
                               f"<td class=\"num\">{esc(c['count'])}</td>"
-                              f"<td class=\"num\">{esc(_pct(c['fraction_of_true']))}</td></tr>"
+                              f"<td class=\"num\">{esc(pct(c['fraction_of_true']))}</td></tr>"
                               for c in confusions) + "</table>")
 
     figures = []

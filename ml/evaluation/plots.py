@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ml.errors import DataError
-from ml.evaluation.metrics import write_atomic
+from ml.io import write_atomic
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

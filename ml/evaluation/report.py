@@ -22,15 +22,9 @@ from urllib.parse import quote
 import numpy as np
 
 from ml.errors import ConfigError, DataError
-from ml.evaluation.leaderboard import (
-    best_candidate,
-    esc,
-    html_page,
-    leaderboard_html_table,
-    production_row,
-    to_jsonable,
-)
-from ml.evaluation.metrics import write_atomic
+from ml.evaluation.html import esc, html_page, num, pct
+from ml.evaluation.leaderboard import best_candidate, leaderboard_html_table, production_row
+from ml.io import to_jsonable, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -314,20 +308,12 @@ def _production_section(production: Mapping[str, Any] | None, best: Mapping[str,
     if prod is None:
         return "<p>No production model yet: the first model is gated against chance only.</p>"
     text = (f"<p>{esc(prod['candidate'])} on the same test split: "
-            f"accuracy {esc(_pct(prod.get('accuracy')))}, log loss {esc(_f3(prod.get('log_loss')))}.")
+            f"accuracy {esc(pct(prod.get('accuracy')))}, log loss {esc(num(prod.get('log_loss')))}.")
     numbers = (int, float)
     if best and isinstance(best.get("accuracy"), numbers) and isinstance(prod.get("accuracy"), numbers):
         delta = best["accuracy"] - prod["accuracy"]
         text += f" Best candidate {esc(best['candidate'])}: {delta * 100:+.1f} accuracy points."
     return text + "</p>"
-
-
-def _pct(value: Any) -> str:
-    return f"{value * 100:.1f}%" if isinstance(value, (int, float)) else "-"
-
-
-def _f3(value: Any) -> str:
-    return f"{value:.3f}" if isinstance(value, (int, float)) else "-"
 
 
 def render_run_report_html(report: Mapping[str, Any]) -> str:
@@ -337,7 +323,7 @@ def render_run_report_html(report: Mapping[str, Any]) -> str:
     summary = report.get("summary") or {}
     if best:
         headline = (f"Best candidate: <strong>{esc(best['candidate'])}</strong> "
-                    f"(accuracy {esc(_pct(best.get('accuracy')))})")
+                    f"(accuracy {esc(pct(best.get('accuracy')))})")
     else:
         headline = "<strong>No eligible candidate.</strong>"
     figures = []

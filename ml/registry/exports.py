@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import shutil
 import tempfile
 import warnings
@@ -33,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ml.errors import DataError, ModelVerificationError
+from ml.io import atomic_path, write_atomic, write_npz
 
 if TYPE_CHECKING:
     import keras
@@ -106,11 +106,7 @@ def write_golden(model: keras.Model, images: np.ndarray, path: str | Path, *,
     expected = np.asarray(model(inputs, training=False), dtype=np.float32)
     # Cache pixels are uint8: stored as such they take a quarter of the bytes and lose nothing.
     stored = images if images.dtype == np.uint8 else inputs
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.npz")
-    np.savez_compressed(tmp, inputs=stored, expected=expected, labels=np.asarray(labels or [], dtype=str))
-    os.replace(tmp, path)
-    return path
+    return write_npz(path, inputs=stored, expected=expected, labels=np.asarray(labels or [], dtype=str))
 
 
 # -- building --------------------------------------------------------------------------------------
@@ -133,10 +129,7 @@ def convert_tflite(saved_model: str | Path, dest: str | Path) -> Path:
     with _saved_model_dir(Path(saved_model)) as folder:
         converter = tf.lite.TFLiteConverter.from_saved_model(str(folder))
         content = converter.convert()
-    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(content)
-    os.replace(tmp, dest)
-    return dest
+    return write_atomic(dest, content)
 
 
 def build_exports(model_path: str | Path, out_dir: str | Path, *, golden_images: np.ndarray,
@@ -370,8 +363,7 @@ def _export_paths(exports: str | Path | Mapping[str, str | Path]) -> dict[str, P
 
 
 def _zip_folder(folder: Path, dest: Path) -> None:
-    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
-    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+    with atomic_path(dest) as tmp, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
         for path in sorted(p for p in folder.rglob("*")):
             rel = path.relative_to(folder).as_posix()
             info = zipfile.ZipInfo(rel + "/" if path.is_dir() else rel, date_time=_ZIP_EPOCH)
@@ -383,7 +375,6 @@ def _zip_folder(folder: Path, dest: Path) -> None:
                 info.compress_type = zipfile.ZIP_DEFLATED
                 with path.open("rb") as src, zf.open(info, "w") as out:
                     shutil.copyfileobj(src, out, 1024 * 1024)
-    os.replace(tmp, dest)
 
 
 @contextlib.contextmanager

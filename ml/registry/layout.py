@@ -18,6 +18,7 @@ key segment that is collision-free and reversible (`run_id_from_segment`), unlik
 from __future__ import annotations
 
 import re
+from datetime import UTC, datetime
 from pathlib import PurePosixPath
 
 from ml.errors import UnsafeNameError
@@ -135,6 +136,30 @@ def check_relative_path(rel: object, what: str) -> PurePosixPath:
     return PurePosixPath(*parts)
 
 
+# -- names of the objects inside the folders ---------------------------------------------------------
+
+# A candidate folder: these files, then the marker, written last (a reader that sees it sees all).
+CANDIDATE_FILES = ("model.keras", "labels.json", "preprocessing.json", "history.csv")
+CANDIDATE_MARKER = "train_summary.json"
+# What evaluation adds to a candidate folder (metrics.json last).
+EVAL_FILES = ("confusion.png", "confusion.csv", "curves.png", "predictions.npz", "metrics.json")
+TENSORBOARD_DIR = "tensorboard"
+# Run-level files and folders.
+QUALITY_DIR = "quality"
+LEADERBOARD_DIR = "leaderboard"
+FAILURES_DIR = "failures"
+DRIFT_FILE = "drift.json"
+GATE_FILE = "gate.json"
+CLAIM_FILE = "promotion.json"  # the version id a run's promote claimed, the same for every try
+REPORT_FILE = "report.json"
+# A version folder: COMPLETE is written last and is what makes a version exist.
+MODEL_FILE = "model.keras"
+VERSION_FILE = "version.json"
+COMPLETE_MARKER = "COMPLETE"
+# The promotion log's key prefix: lexicographic order = chronological order.
+LOG_TIME_FORMAT = "%Y%m%dT%H%M%S.%fZ"
+
+
 # -- keys -------------------------------------------------------------------------------------------
 
 
@@ -158,6 +183,41 @@ def candidate_prefix(model_name: str, run_id: str, candidate: str) -> str:
     return f"{run_prefix(model_name, run_id)}/{check_candidate(candidate)}/"
 
 
+def folder_prefix(root: str, segment: str) -> str:
+    """``<root><segment>/``: a folder found by listing `root` (a run or version folder of any age).
+
+    Retention deletes folders by the names it listed; the segment must still be one path segment.
+    """
+    if not segment or "/" in segment or segment in (".", ".."):
+        raise UnsafeNameError(f"invalid folder name {_shown(segment)} under {root}")
+    return f"{root}{segment}/"
+
+
+def run_key(model_name: str, run_id: str, *parts: str) -> str:
+    """``<model>/runs/<run segment>/<part>/...``: a run-level object (each part a plain name)."""
+    return "/".join([run_prefix(model_name, run_id), *(check_name(p, "key segment") for p in parts)])
+
+
+def candidate_key(model_name: str, run_id: str, candidate: str, name: str) -> str:
+    """``<model>/runs/<run segment>/<candidate>/<name>`` (`name` may be a relative path)."""
+    return candidate_prefix(model_name, run_id, candidate) + str(check_relative_path(name, "candidate file"))
+
+
+def artifact_key(model_name: str, path: str) -> str:
+    """The key of an artifact path as the registry page names it: ``runs/<run segment>/<file path>``
+    or ``versions/<version>/<file path>`` -- every segment checked, so nothing else can be named."""
+    parts = path.split("/")
+    if len(parts) < 3 or parts[0] not in ("runs", "versions"):
+        raise UnsafeNameError(f"invalid artifact path {_shown(path)}: expected runs/<run>/<file> or "
+                              "versions/<version>/<file>")
+    if parts[0] == "runs":
+        run_id_from_segment(parts[1])
+    else:
+        check_version(parts[1])
+    check_relative_path("/".join(parts[2:]), "artifact path")
+    return model_root(model_name) + path
+
+
 def versions_root(model_name: str) -> str:
     """``<model>/versions/``."""
     return f"{model_root(model_name)}versions/"
@@ -179,6 +239,21 @@ def pointer_key(model_name: str) -> str:
 def promotions_root(model_name: str) -> str:
     """``<model>/promotions/``: the append-only promotion log."""
     return f"{model_root(model_name)}promotions/"
+
+
+def version_key(model_name: str, version: str, name: str) -> str:
+    """``<model>/versions/<version>/<name>``."""
+    return version_prefix(model_name, version) + check_name(name, "version file name")
+
+
+def promotion_log_key(model_name: str, when: datetime, version: str) -> str:
+    """``<model>/promotions/<utc time>-<version>.json``: one immutable entry of the promotion log."""
+    return f"{promotions_root(model_name)}{when.astimezone(UTC):{LOG_TIME_FORMAT}}-{check_version(version)}.json"
+
+
+def version_from_log_key(model_name: str, key: str) -> str:
+    """The version a promotion-log key is named after (``<time>-<version>.json``)."""
+    return key[len(promotions_root(model_name)):].removesuffix(".json").partition("-")[2]
 
 
 def _shown(value: object, limit: int = 80) -> str:

@@ -36,8 +36,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-RUN_MARKER = "train_summary.json"  # ml.pipeline.CANDIDATE_MARKER
-CLAIM_FILE = "promotion.json"  # ml.pipeline: the version id a run's promote claimed
+RUN_MARKER = layout.CANDIDATE_MARKER
+CLAIM_FILE = layout.CLAIM_FILE
 DEFAULT_VERSION_GRACE = timedelta(days=1)
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
@@ -110,7 +110,8 @@ def apply_retention(store: ObjectStore, model_name: str, *, keep_runs: int, dry_
             continue
         keys = [o["key"] for o in run_objects[run]]
         if not dry_run:
-            _delete_folder(store, f"{runs_root}{run}/", [k for k in keys if k.endswith("/" + RUN_MARKER)])
+            markers = [k for k in keys if k.endswith("/" + RUN_MARKER)]
+            _delete_folder(store, layout.folder_prefix(runs_root, run), markers)
         removed_objects += len(keys)
         result_runs["removed"].append({"run_id": run, "objects": len(keys),
                                        "last_modified": ages[run].isoformat()})
@@ -118,6 +119,9 @@ def apply_retention(store: ObjectStore, model_name: str, *, keep_runs: int, dry_
     result_versions: dict[str, list[dict[str, Any]]] = {"removed": [], "kept": []}
     for version in sorted(version_objects):
         objects = version_objects[version]
+        if not layout.is_name(version):  # not a folder the pipeline writes: left for a human to look at
+            result_versions["kept"].append({"version": version[:80], "reason": "not a valid version id"})
+            continue
         reason = _keep_version_reason(version, protected, prune_versions, version_grace, now, objects)
         if reason is None and not dry_run:
             # Claims of the runs deleted above are gone now: read everything again before each delete.
@@ -184,7 +188,7 @@ def _protected_runs(store: ObjectStore, model_name: str, protected: _Protected,
         runs[protected.production_run] = f"produced production version {protected.production}"
     for version in sorted(protected.logged | set(protected.claimed)):
         keys = {o["key"] for o in version_objects.get(version, [])}
-        key = f"{layout.versions_root(model_name)}{version}/{VERSION_FILE}"
+        key = layout.version_key(model_name, version, VERSION_FILE)
         if key not in keys:
             continue
         run = _segment_of((store.get_json(key).get("metadata") or {}).get("run_id"))
@@ -236,14 +240,12 @@ def _keep_version_reason(version: str, protected: _Protected, prune: bool, grace
 def _delete_version(store: ObjectStore, model_name: str, version: str,
                     objects: list[dict[str, Any]]) -> str | None:
     """Delete one version unless something protects it by now; returns why it was kept, else None."""
-    from ml.registry.versions import COMPLETE_MARKER, version_prefix
-
-    prefix = version_prefix(model_name, version)
+    prefix = layout.version_prefix(model_name, version)
     fresh = _read_protection(store, model_name, _claims_only(store, model_name), full_log=False)
     reason = fresh.reason(version)
     if reason is not None:
         return f"{reason} (found while retention ran)"
-    marker = prefix + COMPLETE_MARKER
+    marker = layout.version_key(model_name, version, layout.COMPLETE_MARKER)
     saved = store.get_with_etag(marker)
     if saved is not None:
         store.delete(marker)  # from here on nobody can point at it (swap_pointer needs COMPLETE)

@@ -14,7 +14,7 @@ import logging
 import os
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -48,6 +48,35 @@ _CONDITION_CODES = frozenset({"PreconditionFailed", "412", "ConditionalRequestCo
 _CHUNK = 1024 * 1024  # 1 MiB reads when streaming downloads
 
 
+
+
+def store_from_credentials(
+    storage: StorageConfig,
+    *,
+    login: str | None = None,
+    password: str | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> ObjectStore:
+    """The pipeline's store, from an Airflow-style connection's fields or, when absent, the environment.
+
+    The one place credentials become a client: the DAG's tasks and failure callback, the registry
+    plugin and the CLI all call it (each finds the fields its own way: the Task SDK, the api-server's
+    secrets backends, the demo's state file).
+
+    Args:
+        storage: bucket, endpoint and region from the config.
+        login / password: access key id and secret key (None: ``AWS_ACCESS_KEY_ID`` /
+            ``AWS_SECRET_ACCESS_KEY``, then boto3's own chain).
+        extra: the connection's extras; ``endpoint_url`` and ``region_name`` override the config's.
+    """
+    extra = extra or {}
+    return ObjectStore(
+        storage.bucket,
+        endpoint_url=extra.get("endpoint_url") or storage.endpoint_url,
+        access_key=login or os.environ.get("AWS_ACCESS_KEY_ID"),
+        secret_key=password or os.environ.get("AWS_SECRET_ACCESS_KEY"),
+        region=extra.get("region_name") or storage.region,
+    )
 
 
 class ObjectStore:
@@ -94,13 +123,7 @@ class ObjectStore:
         cls, storage: StorageConfig, *, access_key: str | None = None, secret_key: str | None = None
     ) -> ObjectStore:
         """A store for `storage.bucket`; credentials default to AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY."""
-        return cls(
-            storage.bucket,
-            endpoint_url=storage.endpoint_url,
-            access_key=access_key or os.environ.get("AWS_ACCESS_KEY_ID"),
-            secret_key=secret_key or os.environ.get("AWS_SECRET_ACCESS_KEY"),
-            region=storage.region,
-        )
+        return store_from_credentials(storage, login=access_key, password=secret_key)
 
     def for_bucket(self, name: str) -> ObjectStore:
         """The same endpoint and credentials, another bucket (shares the client)."""

@@ -14,10 +14,8 @@ two racing promotions resolve to exactly one winner (the loser gets `PromotionCo
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import re
 import secrets
 from datetime import UTC, datetime
 from pathlib import Path
@@ -30,6 +28,7 @@ from ml.errors import (  # noqa: F401 - IncompleteVersionError is re-exported fo
     StorageError,
     UnsafeNameError,
 )
+from ml.io import file_digest, sha256_file  # noqa: F401 - sha256_file is re-exported for callers
 from ml.registry import layout
 
 if TYPE_CHECKING:
@@ -37,13 +36,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-MODEL_FILE = "model.keras"
-VERSION_FILE = "version.json"
-COMPLETE_MARKER = "COMPLETE"
-POINTER_FILE = "production.json"
+MODEL_FILE = layout.MODEL_FILE
+VERSION_FILE = layout.VERSION_FILE
+COMPLETE_MARKER = layout.COMPLETE_MARKER
+POINTER_FILE = layout.POINTER_FILE
 _RESERVED = frozenset({VERSION_FILE, COMPLETE_MARKER})
-_FILE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-_TS_FORMAT = "%Y%m%dT%H%M%S.%fZ"  # the promotion log's key prefix: lexicographic = chronological
 
 
 
@@ -67,6 +64,12 @@ def pointer_key(model_name: str) -> str:
     return layout.pointer_key(model_name)
 
 
+def _key(model_name: str, version: str, name: str) -> str:
+    """A file of a version (`layout.version_key`; the version id is checked)."""
+    _check_version(version)
+    return layout.version_key(model_name, version, name)
+
+
 def _check_version(version: str) -> None:
     """A StorageError for a version id that is not a plain name (`ml.registry.layout.check_version`)."""
     try:
@@ -79,21 +82,6 @@ def _utc_now() -> datetime:
     return datetime.now(UTC)
 
 
-def sha256_file(path: str | Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as fh:
-        for block in iter(lambda: fh.read(1024 * 1024), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _md5_file(path: Path) -> str:
-    digest = hashlib.md5(usedforsecurity=False)
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1024 * 1024), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # -- versions ------------------------------------------------------------------------------------
@@ -105,7 +93,7 @@ def _put_once(store: ObjectStore, key: str, path: Path) -> None:
         head = store.head(key)
         # A single-part PUT's ETag is the MD5 of the bytes: same ETag, same content, so a retried
         # publish of the same files may resume. Anything else is a real immutability violation.
-        if head is None or head["etag"].strip('"') != _md5_file(path):
+        if head is None or head["etag"].strip('"') != file_digest(path, "md5"):
             raise ObjectExistsError(
                 f"{store.uri(key)} already exists with different content; versions are "
                 "immutable, publish under a new version id"
@@ -137,7 +125,7 @@ def publish_version(
             f"publish_version({version!r}): files must include {MODEL_FILE!r}, got {sorted(files)}"
         )
     for name, path in files.items():
-        if name in _RESERVED or not _FILE_RE.match(name):
+        if name in _RESERVED or not layout.is_name(name):
             raise StorageError(
                 f"publish_version({version!r}): invalid file name {name!r} (plain names only, "
                 f"not {sorted(_RESERVED)})"
@@ -145,7 +133,7 @@ def publish_version(
         if not Path(path).is_file():
             raise StorageError(f"publish_version({version!r}): {name!r} -> {path} is not a file")
     prefix = version_prefix(model_name, version)
-    if store.exists(prefix + COMPLETE_MARKER):
+    if store.exists(_key(model_name, version, COMPLETE_MARKER)):
         raise ObjectExistsError(
             f"version {version} of {model_name} is already published at "
             f"{store.uri(prefix)}; versions are immutable"
@@ -154,7 +142,7 @@ def publish_version(
     entries: dict[str, dict[str, Any]] = {}
     for name in sorted(files):
         path = Path(files[name])
-        _put_once(store, prefix + name, path)
+        _put_once(store, _key(model_name, version, name), path)
         entries[name] = {"sha256": sha256_file(path), "size": path.stat().st_size}
     info: dict[str, Any] = {
         "model_name": model_name,
@@ -165,18 +153,18 @@ def publish_version(
         "metadata": metadata,
     }
     try:
-        store.put_json(prefix + VERSION_FILE, info, if_none_match=True)
+        store.put_json(_key(model_name, version, VERSION_FILE), info, if_none_match=True)
     except ObjectExistsError:
-        existing = store.get_json(prefix + VERSION_FILE)
+        existing = store.get_json(_key(model_name, version, VERSION_FILE))
         if existing.get("files") != entries:
             raise ObjectExistsError(
-                f"{store.uri(prefix + VERSION_FILE)} already exists and describes other "
+                f"{store.uri(_key(model_name, version, VERSION_FILE))} already exists and describes other "
                 "files; publish under a new version id"
             ) from None
         info = existing
     # The marker goes last: readers and swap_pointer treat a version without it as absent.
     store.put_json(
-        prefix + COMPLETE_MARKER,
+        _key(model_name, version, COMPLETE_MARKER),
         {"version": version, "sha256": info["sha256"], "completed_at": _utc_now().isoformat()},
         if_none_match=True,
     )
@@ -193,7 +181,7 @@ def publish_version(
 
 def is_complete(store: ObjectStore, model_name: str, version: str) -> bool:
     """Whether the version's COMPLETE marker exists."""
-    return store.exists(version_prefix(model_name, version) + COMPLETE_MARKER)
+    return store.exists(_key(model_name, version, COMPLETE_MARKER))
 
 
 def read_version(store: ObjectStore, model_name: str, version: str) -> dict[str, Any]:
@@ -205,7 +193,7 @@ def read_version(store: ObjectStore, model_name: str, version: str) -> dict[str,
             f"version {version} of {model_name} has no {COMPLETE_MARKER} marker at "
             f"{store.uri(prefix)}: it is missing or was never finished"
         )
-    return {**store.get_json(prefix + VERSION_FILE), "uri": store.uri(prefix)}
+    return {**store.get_json(_key(model_name, version, VERSION_FILE)), "uri": store.uri(prefix)}
 
 
 def list_versions(store: ObjectStore, model_name: str) -> list[dict[str, Any]]:
@@ -226,7 +214,7 @@ def list_versions(store: ObjectStore, model_name: str) -> list[dict[str, Any]]:
     production = pointer.get("version") if pointer else None
     out = []
     for version in complete:
-        info = store.get_json(version_prefix(model_name, version) + VERSION_FILE)
+        info = store.get_json(_key(model_name, version, VERSION_FILE))
         out.append(
             {
                 "version": version,
@@ -280,7 +268,7 @@ def make_pointer(
     prefix = version_prefix(model_name, version)
     pointer = {
         "version": version,
-        "uri": store.uri(prefix + MODEL_FILE),
+        "uri": store.uri(_key(model_name, version, MODEL_FILE)),
         "version_uri": store.uri(prefix),
         "sha256": info["sha256"],
         "metrics": meta.get("metrics", {}),
@@ -367,7 +355,7 @@ def append_promotion_log(store: ObjectStore, model_name: str, entry: dict[str, A
     for _ in range(5):  # same microsecond and version: take the next timestamp
         now = _utc_now()
         record = {"at": now.isoformat(), **entry}
-        key = f"{layout.promotions_root(model_name)}{now:{_TS_FORMAT}}-{version}.json"
+        key = layout.promotion_log_key(model_name, now, version)
         try:
             store.put_json(key, record, if_none_match=True)
             return key

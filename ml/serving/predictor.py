@@ -14,7 +14,6 @@ the architecture's own preprocessing is a layer inside the model.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -28,6 +27,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ml.errors import DataError, ModelVerificationError, StorageError
+from ml.io import sha256_file
+from ml.registry.layout import pointer_key, version_key
 
 if TYPE_CHECKING:
     from ml.registry.store import ObjectStore
@@ -44,14 +45,6 @@ MAX_FILE_BYTES = 8 * 1024**3
 # make a consumer allocate terabytes for one batch.
 IMAGE_SIZE_RANGE = (8, 2048)
 ImageInput = str | Path | np.ndarray
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1024 * 1024), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @dataclass
@@ -152,7 +145,7 @@ def _verify_files(
         path = folder / name
         if not path.is_file():
             raise ModelVerificationError(f"{where}: {name} is missing in {folder}")
-        actual = _sha256(path)
+        actual = sha256_file(path)
         if actual != meta.get("sha256"):
             raise ModelVerificationError(
                 f"{where}: {name} has sha256 {actual} but version.json says "
@@ -241,14 +234,14 @@ def _checked_files(files: Any, where: str) -> dict[str, dict[str, Any]]:
     return checked
 
 
-def _download_version(store: ObjectStore, prefix: str, files: dict[str, Any], dest: Path) -> None:
+def _download_version(store: ObjectStore, model_name: str, version: str, files: dict[str, Any], dest: Path) -> None:
     """Download every file into a temporary sibling folder, then rename it to `dest`."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent))
     try:
         for name, meta in files.items():
             # No more bytes than version.json promised: the sha256 check comes after the download.
-            store.download_file(prefix + name, tmp / name, max_bytes=int(meta["size"]))
+            store.download_file(version_key(model_name, version, name), tmp / name, max_bytes=int(meta["size"]))
         try:
             os.rename(tmp, dest)
         except OSError:
@@ -270,7 +263,7 @@ def load_version(
     Raises:
         ModelVerificationError: missing/incomplete version, checksum mismatch or unloadable model.
     """
-    from ml.registry.versions import read_version, version_prefix
+    from ml.registry.versions import read_version
 
     where = f"{model_name} version {version}"
     try:
@@ -293,7 +286,7 @@ def load_version(
             log.warning("discarding cached %s: %s", where, exc)
             shutil.rmtree(dest, ignore_errors=True)
     try:
-        _download_version(store, version_prefix(model_name, version), files, dest)
+        _download_version(store, model_name, version, files, dest)
     except StorageError as exc:
         raise ModelVerificationError(f"{where}: download failed: {exc}") from None
     try:
@@ -312,7 +305,7 @@ def load_production(store: ObjectStore, model_name: str, *, cache_dir: Path) -> 
     if pointer is None:
         raise ModelVerificationError(
             f"{model_name} has no production model yet "
-            f"({store.uri(model_name + '/production.json')} does not exist)"
+            f"({store.uri(pointer_key(model_name))} does not exist)"
         )
     return _load_pointer(store, model_name, pointer, cache_dir=cache_dir)
 
@@ -323,7 +316,7 @@ def _load_pointer(
     version, sha = pointer.get("version"), pointer.get("sha256")
     if not version or not sha:
         raise ModelVerificationError(
-            f"{store.uri(model_name + '/production.json')} lacks version or sha256: {sorted(pointer)}"
+            f"{store.uri(pointer_key(model_name))} lacks version or sha256: {sorted(pointer)}"
         )
     return load_version(store, model_name, str(version), cache_dir=cache_dir, expected_sha256=str(sha))
 
@@ -343,7 +336,7 @@ def load_local(path: str | Path) -> Predictor:
         info = _read_json(version_file, "version file")
         sha = _verify_files(folder, _checked_files(info.get("files"), where), expected_model_sha=None, where=where)
         return _load_folder(folder, version=info.get("version"), sha256=sha, where=where)
-    return _load_folder(folder, version=None, sha256=_sha256(folder / MODEL_FILE), where=where)
+    return _load_folder(folder, version=None, sha256=sha256_file(folder / MODEL_FILE), where=where)
 
 
 class ModelClient:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import logging
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ml.errors import DataError, ModelVerificationError
+from ml.io import atomic_path
 
 if TYPE_CHECKING:
     from ml.serving.predictor import Predictor
@@ -81,10 +81,8 @@ def write_submission(predictor: Predictor, dataset_dir: str | Path, out_path: st
         classes, ids = sorted(labels), sorted(images)
     columns = [labels.index(c) for c in classes]
 
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
     undecodable: list[str] = []
-    try:
+    with atomic_path(out_path) as tmp:
         with tmp.open("w", newline="", encoding="utf-8") as fh:
             writer = csv.writer(fh)
             writer.writerow([ID_COLUMN, *classes])
@@ -93,9 +91,6 @@ def write_submission(predictor: Predictor, dataset_dir: str | Path, out_path: st
                 probs = _predict_batch(predictor, [images[i] for i in batch], undecodable, batch)
                 for image_id, row in zip(batch, probs[:, columns], strict=True):
                     writer.writerow([image_id, *(format(float(p), ".8g") for p in row)])
-        os.replace(tmp, out_path)
-    finally:
-        tmp.unlink(missing_ok=True)
     if undecodable:
         log.warning("submission: %d images could not be decoded and got uniform probabilities: %s",
                     len(undecodable), undecodable[:10])

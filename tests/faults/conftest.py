@@ -146,7 +146,7 @@ def seed_production(config: Any, store: Any, run_id: str, candidate: str, versio
 
     Returns production.json's (bytes, ETag).
     """
-    from ml.pipeline import local_run_dir
+    from ml.registry.runs import local_run_dir
     from ml.registry.versions import promote, publish_version, read_pointer
 
     cand = local_run_dir(config, run_id) / candidate

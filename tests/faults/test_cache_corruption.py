@@ -49,7 +49,8 @@ def env(module_seaweed, sample_source, tmp_path_factory):
 @pytest.mark.parametrize("damage", ["truncate", "bitflip"])
 def test_corrupted_image_cache_is_rebuilt_before_training(env, damage, caplog):
     from ml.data.image_cache import IMAGES_FILE, ImageCache, cache_folder
-    from ml.pipeline import cache_root, prepare_stage, train_stage
+    from ml.pipeline import prepare_stage, train_stage
+    from ml.registry.runs import cache_root
 
     config, store, dataset_dir = env["config"], env["store"], env["dataset_dir"]
     prepare_stage(dataset_dir, config)

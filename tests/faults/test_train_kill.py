@@ -65,7 +65,8 @@ def _assert_nothing_complete(store, prefix: str, cand_dir) -> None:
 
 def test_training_killed_mid_epoch_leaves_nothing_complete_and_retry_publishes(own_seaweed, sample_source,
                                                                                tmp_path):
-    from ml.pipeline import ensure_candidate_local, ingest_stage, local_run_dir, prepare_stage, run_prefix
+    from ml.pipeline import ingest_stage, prepare_stage
+    from ml.registry.runs import ensure_candidate_local, local_run_dir, run_key
 
     bucket = new_bucket_name()
     store = store_for(own_seaweed, bucket)
@@ -78,7 +79,7 @@ def test_training_killed_mid_epoch_leaves_nothing_complete_and_retry_publishes(o
                          AWS_SECRET_ACCESS_KEY=own_seaweed.secret_key)
     argv = [PYTHON, "-c", TRAIN, json.dumps(config.to_dict()), dataset["dataset_dir"]]
     cand_dir = local_run_dir(config, "run-kill") / "scratch_tiny"
-    prefix = f"{run_prefix(config, 'run-kill')}/scratch_tiny/"
+    prefix = f"{run_key(config, 'run-kill')}/scratch_tiny/"
 
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 180
@@ -114,7 +115,7 @@ TRAIN_TASK = "training.train"
 
 @pytest.mark.timeout(900)
 def test_airflow_retries_a_training_task_killed_mid_epoch(own_seaweed, sample_source, tmp_path):
-    from ml.pipeline import local_run_dir, run_prefix
+    from ml.registry.runs import local_run_dir, run_key
 
     bucket = new_bucket_name()
     store = store_for(own_seaweed, bucket)
@@ -130,7 +131,7 @@ def test_airflow_retries_a_training_task_killed_mid_epoch(own_seaweed, sample_so
     run_id = "faults__train_kill"
     config = tiny_config(stack.work_dir, bucket, own_seaweed.endpoint_url)
     cand_dir = local_run_dir(config, run_id) / "scratch_tiny"
-    prefix = f"{run_prefix(config, run_id)}/scratch_tiny/"
+    prefix = f"{run_key(config, run_id)}/scratch_tiny/"
 
     stack.prepare()
     stack.start()

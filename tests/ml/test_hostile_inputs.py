@@ -333,7 +333,8 @@ def test_evaluating_fifteen_hundred_classes_keeps_metrics_small(
     """
     import ml.models
     import ml.training.predict
-    from ml import pipeline
+    from ml.evaluation import scoring
+    from ml.registry import layout, runs
 
     k, n = 1500, 3000
     rng = np.random.default_rng(0)
@@ -350,20 +351,20 @@ def test_evaluating_fifteen_hundred_classes_keeps_metrics_small(
             return x
 
     config = PipelineConfig.from_dict({"work_dir": str(tmp_path / "work")})
-    cand_dir = pipeline.local_run_dir(config, "run1") / "scratch_small"
+    cand_dir = runs.local_run_dir(config, "run1") / "scratch_small"
     cand_dir.mkdir(parents=True)
-    (cand_dir / pipeline.CANDIDATE_MARKER).write_text("{}")
+    (cand_dir / layout.CANDIDATE_MARKER).write_text("{}")
     (cand_dir / "model.keras").write_bytes(b"stand-in")
     monkeypatch.setattr(ml.training.predict, "predict_split", lambda *a, **kw: (y_true, probs, labels))
     monkeypatch.setattr(ml.models, "load_model", lambda path: TinyModel())
 
-    metrics = pipeline.evaluate_candidate(tmp_path, "scratch_small", config, None, "run1")
+    metrics = scoring.evaluate_candidate(tmp_path, "scratch_small", config, None, "run1")
 
     assert "confusion" not in metrics and "1500 classes > 200" in metrics["confusion_omitted"]
     assert (cand_dir / "metrics.json").stat().st_size < 1_000_000
     assert (cand_dir / "confusion.png").stat().st_size > 1000
     assert len((cand_dir / "confusion.csv").read_text().splitlines()) == k + 1
-    card_metrics = pipeline._with_confusion(metrics, cand_dir, k)  # what the model card is given
+    card_metrics = scoring.with_confusion(metrics, cand_dir, k)  # what the model card is given
     assert np.asarray(card_metrics["confusion"]).shape == (k, k)
     assert np.asarray(card_metrics["confusion"]).sum() == n
 

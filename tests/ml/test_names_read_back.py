@@ -39,7 +39,8 @@ def test_a_candidate_path_in_the_config_is_refused_before_any_folder_is_touched(
 
 def test_train_stage_checks_the_candidate_it_is_handed(tmp_path: Path) -> None:
     """XCom or the CLI can hand a stage any string: the stage checks it before _fresh_dir."""
-    from ml.pipeline import local_run_dir, train_stage
+    from ml.pipeline import train_stage
+    from ml.registry.runs import local_run_dir
 
     config = _config(tmp_path)
     victim = local_run_dir(config, RUN).parent / "victim"
@@ -52,18 +53,18 @@ def test_train_stage_checks_the_candidate_it_is_handed(tmp_path: Path) -> None:
 
 
 def test_run_folders_use_the_reversible_segment(tmp_path: Path) -> None:
-    from ml.pipeline import local_run_dir, run_prefix
+    from ml.registry.runs import local_run_dir, run_key
 
     config = _config(tmp_path)
     a, b = "manual__2026-11-23T17:05:01+00:00", "manual__2026-11-23T17_05_01_00_00"
 
     assert local_run_dir(config, a) != local_run_dir(config, b)
-    assert run_prefix(config, a) != run_prefix(config, b)
+    assert run_key(config, a) != run_key(config, b)
     assert layout.run_id_from_segment(local_run_dir(config, a).name) == a
 
 
 def test_crafted_keys_under_a_candidate_are_refused_before_download(store: ObjectStore, tmp_path: Path) -> None:
-    from ml.pipeline import ensure_candidate_local
+    from ml.registry.runs import ensure_candidate_local
 
     config = _config(tmp_path, store)
     prefix = layout.candidate_prefix(MODEL, RUN, "scratch_small")
@@ -76,7 +77,7 @@ def test_crafted_keys_under_a_candidate_are_refused_before_download(store: Objec
 
 
 def test_a_marker_that_names_another_candidate_is_refused(store: ObjectStore, tmp_path: Path) -> None:
-    from ml.pipeline import published_candidates
+    from ml.registry.runs import published_candidates
 
     config = _config(tmp_path, store)
     store.put_json(layout.candidate_prefix(MODEL, RUN, "scratch_small") + "train_summary.json",
