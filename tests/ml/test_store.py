@@ -253,3 +253,22 @@ def test_from_config_takes_credentials_from_env(seaweed, monkeypatch: pytest.Mon
 
     assert s.bucket == "from-config-bucket"
     assert json.loads(s.get_bytes("x.json")) == {"ok": True}
+
+
+def test_store_from_credentials_prefers_the_connection_then_the_environment(monkeypatch) -> None:
+    from ml.config import StorageConfig
+    from ml.registry.store import store_from_credentials
+
+    storage = StorageConfig(bucket="b", endpoint_url="http://config:1", region="eu-west-1")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "ENV_KEY")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "ENV_SECRET")
+
+    from_conn = store_from_credentials(storage, login="CONN_KEY", password="CONN_SECRET",
+                                       extra={"endpoint_url": "http://conn:2", "region_name": "us-west-2"})
+    from_env = store_from_credentials(storage)
+
+    assert (from_conn.endpoint_url, from_conn.region, from_conn._access_key) == ("http://conn:2", "us-west-2",
+                                                                                 "CONN_KEY")
+    assert (from_env.endpoint_url, from_env.region, from_env._access_key) == ("http://config:1", "eu-west-1",
+                                                                              "ENV_KEY")
+    assert "SECRET" not in repr(from_conn) + repr(from_env)
