@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 from ml.data.extract import shown_name
 from ml.data.layouts import detect_layout, find_dataset_root, find_unlabelled, list_labelled_images
-from ml.data.manifest import OK, build_manifest, dataset_hash, near_duplicate_groups
+from ml.data.manifest import OK, build_manifest, dataset_hash
+from ml.data.near_duplicates import near_duplicate_groups
 from ml.data.sources import materialise, parse_source
 from ml.data.splits import assign_splits, split_counts
 from ml.errors import DataError

@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ml.data.extract import shown_name
-from ml.data.manifest import COLUMNS, DUPLICATE, LABEL_CONFLICT, OK, NearDuplicates, near_duplicate_groups
+from ml.data.manifest import COLUMNS, DUPLICATE, LABEL_CONFLICT, OK
+from ml.data.near_duplicates import NearDuplicates, near_duplicate_groups
 from ml.errors import DataError, DataQualityError
 
 if TYPE_CHECKING:
