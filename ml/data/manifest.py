@@ -39,6 +39,9 @@ COLUMNS = (
     "status",
     "split",
 )
+# The two files of a published dataset folder (written by ml.data.ingest, read everywhere).
+MANIFEST_FILE = "manifest.parquet"
+DATASET_FILE = "dataset.json"
 OK = "ok"
 LABEL_CONFLICT = "label conflict"
 DUPLICATE = "duplicate"

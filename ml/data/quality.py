@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ml.data.manifest import COLUMNS, OK
+from ml.data.manifest import COLUMNS, MANIFEST_FILE, OK
 from ml.data.near_duplicates import NearDuplicates, near_duplicate_groups
 from ml.data.quality_page import render_html
 from ml.data.quality_suite import FAILING, build_checks, run_suites
@@ -35,7 +35,6 @@ log = logging.getLogger(__name__)
 
 MAX_LISTED_FAILURES = 10
 MAX_LEAK_EXAMPLES = 3
-MANIFEST_FILE = "manifest.parquet"
 
 
 @dataclass
