@@ -137,17 +137,12 @@ def check_name(
     return parts
 
 
-def safe_member_path(
-    name: str,
-    *,
-    what: str = "archive entry",
-    max_bytes: int = DEFAULT_MAX_NAME_BYTES,
-    max_depth: int = DEFAULT_MAX_NAME_DEPTH,
-    max_part_bytes: int = DEFAULT_MAX_NAME_PART_BYTES,
-) -> PurePosixPath:
-    """The relative path an entry name stands for, or UnsafeArchiveError naming it (see `check_name`)."""
-    parts = check_name(name, what=what, max_bytes=max_bytes, max_depth=max_depth, max_part_bytes=max_part_bytes)
-    return PurePosixPath(*parts)
+def safe_member_path(name: str, *, what: str = "archive entry", **limits: int) -> PurePosixPath:
+    """The relative path an entry name stands for, or UnsafeArchiveError naming it.
+
+    `limits` are `check_name`'s ``max_bytes``, ``max_depth`` and ``max_part_bytes`` (same defaults).
+    """
+    return PurePosixPath(*check_name(name, what=what, **limits))
 
 
 class NameTree:
