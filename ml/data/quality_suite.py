@@ -10,6 +10,7 @@ GX runs from an ephemeral context: nothing is written by GX itself, nothing goes
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -39,7 +40,7 @@ class Check:
     frame: str
     severity: str
     expectation: Any
-    explain: Any  # () -> list[str]
+    explain: Callable[[], list[str]]
 
 
 def build_checks(
@@ -48,13 +49,22 @@ def build_checks(
     stats: dict[str, Any],
     leaks: Leaks | None,
 ) -> list[Check]:
+    """The suite for one dataset: failing checks first, then warnings.
+
+    Args:
+        config: Thresholds (``data.*``) the expectations compare with.
+        frames: The four frames by name (``manifest``, ``ok_images``, ``per_class``, ``dataset``).
+        stats: `ml.data.quality`'s statistics, quoted by the sentences.
+        leaks: Near-duplicate groups across train and test; None when the dataset has no splits
+            (the leak check is then left out).
+    """
     import great_expectations as gx
 
     ge = gx.expectations
     manifest, ok, per_class = frames["manifest"], frames["ok_images"], frames["per_class"]
     checks: list[Check] = []
 
-    def add(name: str, frame: str, severity: str, cls: Any, explain: Any, **kwargs: Any) -> None:
+    def add(name: str, frame: str, severity: str, cls: Any, explain: Callable[[], list[str]], **kwargs: Any) -> None:
         exp = cls(
             **kwargs,
             meta={"severity": severity, "check": name},
@@ -180,7 +190,7 @@ def build_checks(
         min_value=config.min_images_per_class,
     )
 
-    def too_small(dim: str, word: str, limit: int) -> Any:
+    def too_small(dim: str, word: str, limit: int) -> Callable[[], list[str]]:
         def explain() -> list[str]:
             small = ok[dim] < limit
             return [
