@@ -12,6 +12,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ml.data.manifest import DATASET_FILE, MANIFEST_FILE, OK
+
 # Total variation distance between class distributions above which the report warns
 # (0.1 = a tenth of the probability mass moved between classes).
 TVD_WARNING = 0.10
@@ -23,9 +25,9 @@ def dataset_profile(dataset_dir: str | Path) -> dict[str, Any]:
     import pandas as pd
 
     dataset_dir = Path(dataset_dir)
-    meta = json.loads((dataset_dir / "dataset.json").read_text())
-    manifest = pd.read_parquet(dataset_dir / "manifest.parquet", columns=["label", "width", "height", "status"])
-    ok = manifest[manifest["status"] == "ok"]
+    meta = json.loads((dataset_dir / DATASET_FILE).read_text(encoding="utf-8"))
+    manifest = pd.read_parquet(dataset_dir / MANIFEST_FILE, columns=["label", "width", "height", "status"])
+    ok = manifest[manifest["status"] == OK]
     counts = {str(k): int(v) for k, v in ok["label"].value_counts().sort_index().items()}
     return {
         "dataset_hash": meta["dataset_hash"],

@@ -59,6 +59,20 @@ _DRIVE = re.compile(r"^[A-Za-z]:")
 CONTROL_CHARACTERS = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
 
 
+def log_transfer(
+    logger: logging.Logger, verb: str, count: int, noun: str, n_bytes: int, where: str, started: float
+) -> None:
+    """One line per fetch or extraction: ``"<verb> <count> <noun> (x MB) <where> in s (MB/s)"``.
+
+    Shared by extraction, the s3 fetch and the Kaggle download; `started` is a `time.monotonic()`.
+    """
+    seconds = max(time.monotonic() - started, 1e-9)
+    megabytes = n_bytes / 1e6
+    logger.info(
+        "%s %d %s (%.1f MB) %s in %.1f s (%.1f MB/s)", verb, count, noun, megabytes, where, seconds, megabytes / seconds
+    )
+
+
 def shown_name(name: str) -> str:
     """`name` for a message: repr()'d, and cut to SHOWN_NAME_CHARS with its full length when longer."""
     if len(name) <= SHOWN_NAME_CHARS:
@@ -123,17 +137,12 @@ def check_name(
     return parts
 
 
-def safe_member_path(
-    name: str,
-    *,
-    what: str = "archive entry",
-    max_bytes: int = DEFAULT_MAX_NAME_BYTES,
-    max_depth: int = DEFAULT_MAX_NAME_DEPTH,
-    max_part_bytes: int = DEFAULT_MAX_NAME_PART_BYTES,
-) -> PurePosixPath:
-    """The relative path an entry name stands for, or UnsafeArchiveError naming it (see `check_name`)."""
-    parts = check_name(name, what=what, max_bytes=max_bytes, max_depth=max_depth, max_part_bytes=max_part_bytes)
-    return PurePosixPath(*parts)
+def safe_member_path(name: str, *, what: str = "archive entry", **limits: int) -> PurePosixPath:
+    """The relative path an entry name stands for, or UnsafeArchiveError naming it.
+
+    `limits` are `check_name`'s ``max_bytes``, ``max_depth`` and ``max_part_bytes`` (same defaults).
+    """
+    return PurePosixPath(*check_name(name, what=what, **limits))
 
 
 class NameTree:
@@ -260,16 +269,8 @@ def safe_extract_zip(
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     out = [dest.joinpath(*rel.parts) for rel in written]
-    seconds = max(time.monotonic() - started, 1e-9)
-    megabytes = sum(info.file_size for info, _, kind in plan if kind == "file") / 1e6
-    log.info(
-        "extracted %d files (%.1f MB) from %s in %.1f s (%.1f MB/s)",
-        len(out),
-        megabytes,
-        archive.name,
-        seconds,
-        megabytes / seconds,
-    )
+    n_bytes = sum(info.file_size for info, _, kind in plan if kind == "file")
+    log_transfer(log, "extracted", len(out), "files", n_bytes, f"from {archive.name}", started)
     return out
 
 

@@ -18,9 +18,7 @@ batch of uint8 rows at a time (never the whole dataset as float32).
 
 from __future__ import annotations
 
-import contextlib
 import errno
-import fcntl
 import hashlib
 import json
 import logging
@@ -36,7 +34,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ml.data.manifest import DATASET_FILE, MANIFEST_FILE, OK
 from ml.errors import CacheCorruptError, DataError  # noqa: F401 - re-exported for callers
+from ml.io import exclusive_lock, temporary_sibling, write_json  # lock re-exported for ml.training.bottleneck
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -51,9 +51,9 @@ CHUNK_BYTES = 16 * 1024 * 1024  # checksum block: ~16 MiB of pixels
 PARALLEL_MIN_IMAGES = 64  # below this, a thread pool costs more than it saves
 DECODE_WINDOW = 256  # images decoded ahead of the memmap writer
 SPLITS = ("train", "val", "test")
-
-
-
+# Square sizes (pixels) a cache may be built at: below 8 px nothing is left of a photo; 2048^2 x 3
+# bytes = 12 MB per image. ml/training/settings.py's IMAGE_SIZE_RANGE is the training-side rule.
+IMAGE_SIZE_RANGE = (8, 2048)
 
 @dataclass
 class ImageCache:
@@ -92,7 +92,7 @@ class ImageCache:
             if not path.is_file():
                 raise CacheCorruptError(f"image cache {folder}: {path.name} is missing")
         try:
-            meta = json.loads(meta_path.read_text())
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
             raise CacheCorruptError(f"image cache {folder}: unreadable {META_FILE}: {exc}") from exc
         if meta.get("version") != CACHE_FORMAT_VERSION:
@@ -191,11 +191,11 @@ def read_dataset(dataset_dir: Path | str) -> tuple[dict[str, Any], pd.DataFrame]
     import pandas as pd
 
     dataset_dir = Path(dataset_dir)
-    info_path, manifest_path = dataset_dir / "dataset.json", dataset_dir / "manifest.parquet"
+    info_path, manifest_path = dataset_dir / DATASET_FILE, dataset_dir / MANIFEST_FILE
     for path in (info_path, manifest_path):
         if not path.is_file():
             raise DataError(f"dataset folder {dataset_dir}: {path.name} is missing")
-    info = json.loads(info_path.read_text())
+    info = json.loads(info_path.read_text(encoding="utf-8"))
     for key in ("dataset_hash", "labels"):
         if key not in info:
             raise DataError(f"{info_path}: key {key!r} is missing")
@@ -203,7 +203,7 @@ def read_dataset(dataset_dir: Path | str) -> tuple[dict[str, Any], pd.DataFrame]
     missing = {"path", "label", "sha256", "status", "split"} - set(manifest.columns)
     if missing:
         raise DataError(f"{manifest_path}: columns {sorted(missing)} are missing")
-    ok = manifest[manifest["status"] == "ok"].sort_values("path", kind="stable").reset_index(drop=True)
+    ok = manifest[manifest["status"] == OK].sort_values("path", kind="stable").reset_index(drop=True)
     labels = list(info["labels"])
     if labels != sorted(labels):
         raise DataError(f"{info_path}: labels must be sorted, got {labels[:10]}")
@@ -228,8 +228,9 @@ def build_image_cache(
         cache_root: Root folder of all image caches.
         workers: Decoding threads (default: up to 2; 1 decodes serially).
     """
-    if not 8 <= int(image_size) <= 2048:
-        raise DataError(f"image_size must be in [8, 2048] pixels, got {image_size}")
+    low, high = IMAGE_SIZE_RANGE
+    if not low <= int(image_size) <= high:
+        raise DataError(f"image_size must be in [{low}, {high}] pixels, got {image_size}")
     info, ok = read_dataset(dataset_dir)
     folder = cache_folder(cache_root, info["dataset_hash"], image_size)
     cache = _try_open(folder, ok)
@@ -273,17 +274,6 @@ def _attach_splits(cache: ImageCache, ok: pd.DataFrame) -> None:
     cache.index["label_index"] = np.searchsorted(np.asarray(labels), label).astype(np.int64)
 
 
-@contextlib.contextmanager
-def exclusive_lock(path: Path) -> Iterator[None]:
-    """An advisory lock file shared by concurrent builders (training tasks on one machine)."""
-    with path.open("a+") as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
-
-
 def _chunk_rows(image_bytes: int) -> int:
     return max(1, CHUNK_BYTES // max(1, image_bytes))
 
@@ -312,7 +302,7 @@ def _build(
     labels = list(info["labels"])
     n = len(ok)
     shape = (n, size, size, 3)
-    tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = temporary_sibling(folder)
     tmp.mkdir(parents=True)
     try:
         images_path = tmp / IMAGES_FILE
@@ -366,7 +356,7 @@ def _build(
             "chunk_sha256": _chunk_digests(images_path, chunk_bytes),
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
+        write_json(tmp / META_FILE, meta, sort_keys=False)
         _publish(tmp, folder)
     finally:
         if tmp.exists():

@@ -20,18 +20,18 @@ from typing import TYPE_CHECKING, Any
 
 from ml.data.extract import shown_name
 from ml.data.layouts import detect_layout, find_dataset_root, find_unlabelled, list_labelled_images
-from ml.data.manifest import OK, build_manifest, dataset_hash, near_duplicate_groups
+from ml.data.manifest import DATASET_FILE, MANIFEST_FILE, OK, build_manifest, dataset_hash
+from ml.data.near_duplicates import near_duplicate_groups
 from ml.data.sources import materialise, parse_source
 from ml.data.splits import assign_splits, split_counts
 from ml.errors import DataError
+from ml.io import write_json, write_with
 
 if TYPE_CHECKING:
     from ml.config import DataConfig
 
 log = logging.getLogger(__name__)
 
-MANIFEST_FILE = "manifest.parquet"
-DATASET_FILE = "dataset.json"
 IMAGES_DIR = "images"
 UNLABELLED_DIR = "unlabelled"
 MAX_PROBLEMS_KEPT = 50
@@ -55,16 +55,8 @@ def _split_config(config: DataConfig) -> dict[str, float | int]:
     return {"val_percent": config.val_percent, "test_percent": config.test_percent, "seed": config.seed}
 
 
-def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _write_parquet_atomic(frame: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    frame.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
+def _write_manifest(path: Path, frame: Any) -> None:
+    write_with(path, lambda tmp: frame.to_parquet(tmp, index=False), suffix=".parquet")
 
 
 def load_dataset(dataset_dir: Path) -> tuple[dict[str, Any], Any]:
@@ -220,8 +212,8 @@ def _ingest_into(
             "problems": problems[:MAX_PROBLEMS_KEPT],
         },
     }
-    _write_parquet_atomic(manifest, tmp / MANIFEST_FILE)
-    _write_json_atomic(tmp / DATASET_FILE, meta)
+    _write_manifest(tmp / MANIFEST_FILE, manifest)
+    write_json(tmp / DATASET_FILE, meta)
 
     final = datasets / digest
     try:
@@ -268,7 +260,7 @@ def _reuse(final: Path, manifest: Any, fresh_meta: dict[str, Any]) -> dict[str, 
         ]
         existing["extra"]["split_config"] = fresh_meta["extra"]["split_config"]
         existing["extra"]["splits"] = split_counts(existing_manifest)
-        _write_parquet_atomic(existing_manifest, final / MANIFEST_FILE)
-        _write_json_atomic(final / DATASET_FILE, existing)
+        _write_manifest(final / MANIFEST_FILE, existing_manifest)
+        write_json(final / DATASET_FILE, existing)
     log.info("ingest: dataset %s already published at %s; reused", final.name[:12], final)
     return existing

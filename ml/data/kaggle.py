@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from ml.data.extract import log_transfer
 from ml.errors import SourceError
 
 log = logging.getLogger(__name__)
@@ -170,14 +171,6 @@ def download(ref: str, dest: Path, *, credentials: tuple[str, str] | None = None
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     out = [dest / p.relative_to(tmp) for p in files]
-    seconds = max(time.monotonic() - started, 1e-9)
-    megabytes = sum(p.stat().st_size for p in out) / 1e6
-    log.info(
-        "downloaded %d file(s) (%.1f MB) of kaggle:%s in %.1f s (%.1f MB/s)",
-        len(out),
-        megabytes,
-        ref,
-        seconds,
-        megabytes / seconds,
-    )
+    n_bytes = sum(p.stat().st_size for p in out)
+    log_transfer(log, "downloaded", len(out), "file(s)", n_bytes, f"of kaggle:{ref}", started)
     return out

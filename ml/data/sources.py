@@ -19,6 +19,7 @@ from ml.data.extract import (
     DEFAULT_MAX_ENTRIES,
     DEFAULT_MAX_TOTAL_BYTES,
     NameTree,
+    log_transfer,
     safe_extract_zip,
     safe_member_path,
     shown_name,
@@ -231,16 +232,7 @@ def fetch_s3(
                 ) from None
             raise
         out.append(target)
-    seconds = max(time.monotonic() - started, 1e-9)
-    megabytes = sum(p.stat().st_size for p in out) / 1e6
-    log.info(
-        "fetched %d objects (%.1f MB) from %s in %.1f s (%.1f MB/s)",
-        len(out),
-        megabytes,
-        where,
-        seconds,
-        megabytes / seconds,
-    )
+    log_transfer(log, "fetched", len(out), "objects", sum(p.stat().st_size for p in out), f"from {where}", started)
     return out
 
 

@@ -14,7 +14,8 @@ import hashlib
 import logging
 from typing import TYPE_CHECKING
 
-from ml.data.manifest import OK, near_duplicate_groups
+from ml.data.manifest import OK
+from ml.data.near_duplicates import near_duplicate_groups
 
 if TYPE_CHECKING:
     import pandas as pd

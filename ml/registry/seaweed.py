@@ -5,17 +5,12 @@
 credentials that the gateway enforces. Its state (pid, ports, credentials) goes to
 `<dir>/state.json` so `make up` / `make down`, the demo and tests can find a running server.
 
-CLI::
-
-    python -m ml.registry.seaweed start  --dir DIR [--s3-port N]   # detached; prints the endpoint
-    python -m ml.registry.seaweed status --dir DIR
-    python -m ml.registry.seaweed stop   --dir DIR
-    python -m ml.registry.seaweed env    --dir DIR                  # shell exports for the store
+The command line (``python -m ml.registry.seaweed start|status|stop|env --dir DIR``) is
+`ml.registry.seaweed_cli`.
 """
 
 from __future__ import annotations
 
-import argparse
 import atexit
 import json
 import logging
@@ -31,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ml.errors import StorageError
+from ml.io import atomic_path, pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -103,21 +99,6 @@ def pick_ports(n: int, *, exclude: set[int] | None = None, first: int | None = N
         if _port_free(port) and _port_free(port + GRPC_OFFSET):
             ports.append(port)
     raise StorageError(f"could not find {n} free port pairs in {_PORT_RANGE} on 127.0.0.1")
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether a process with this pid exists (and is not a zombie we could reap)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat.rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
 
 
 class SeaweedServer:
@@ -340,12 +321,11 @@ class SeaweedServer:
             "started_at": time.time(),
             "startup_seconds": self.startup_seconds,
         }
-        tmp = self.state_path.with_suffix(".tmp")
-        # The file holds the secret: owner-only, created that way rather than chmod-ed after.
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            json.dump(state, fh, indent=2)
-        os.replace(tmp, self.state_path)
+        with atomic_path(self.state_path) as tmp:
+            # The file holds the secret: owner-only, created that way rather than chmod-ed after.
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as fh:
+                json.dump(state, fh, indent=2)
 
     @classmethod
     def from_state(cls, data_dir: str | Path) -> SeaweedServer:
@@ -449,73 +429,7 @@ class SeaweedServer:
         self.stop()
 
 
-# -- CLI ---------------------------------------------------------------------------------------
-def _cmd_start(args: argparse.Namespace) -> int:
-    data_dir = Path(args.dir)
-    if (data_dir / STATE_FILE).exists():
-        existing = SeaweedServer.from_state(data_dir)
-        if existing.is_running():
-            print(f"already running: pid {existing.pid}, S3 endpoint {existing.endpoint_url}")
-            return 0
-    server = SeaweedServer(data_dir, s3_port=args.s3_port)
-    server.start(timeout=args.timeout, detach=True)
-    print(
-        f"SeaweedFS S3 endpoint {server.endpoint_url} (pid {server.pid}, ready in "
-        f"{server.startup_seconds:.1f} s); credentials in {server.state_path}"
-    )
-    return 0
+if __name__ == "__main__":  # `python -m ml.registry.seaweed ...` keeps working; the CLI is in seaweed_cli
+    from ml.registry.seaweed_cli import main
 
-
-def _cmd_stop(args: argparse.Namespace) -> int:
-    try:
-        server = SeaweedServer.from_state(args.dir)
-    except StorageError as exc:
-        print(f"not running: {exc}")
-        return 0
-    pid, running = server.pid, server.is_running()
-    server.stop()
-    print(f"stopped SeaweedFS pid {pid}" if running else f"pid {pid} was not running; state file removed")
-    return 0
-
-
-def _cmd_status(args: argparse.Namespace) -> int:
-    try:
-        server = SeaweedServer.from_state(args.dir)
-    except StorageError as exc:
-        print(f"not running: {exc}")
-        return 1
-    if server.is_running():
-        print(f"running: pid {server.pid}, S3 endpoint {server.endpoint_url}")
-        return 0
-    print(f"not running (stale state file {server.state_path}, pid {server.pid})")
-    return 1
-
-
-def _cmd_env(args: argparse.Namespace) -> int:
-    import shlex
-
-    server = SeaweedServer.from_state(args.dir)
-    for key, value in server.env().items():
-        print(f"export {key}={shlex.quote(value)}")
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``python -m ml.registry.seaweed``."""
-    parser = argparse.ArgumentParser(prog="python -m ml.registry.seaweed", description=__doc__.split("\n")[0])
-    parser.add_argument("command", choices=("start", "stop", "status", "env"))
-    parser.add_argument("--dir", required=True, help="data directory (holds state.json and weed.log)")
-    parser.add_argument("--s3-port", type=int, default=None, help="S3 port (default: a free one)")
-    parser.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for readiness")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    handlers = {"start": _cmd_start, "stop": _cmd_stop, "status": _cmd_status, "env": _cmd_env}
-    try:
-        return handlers[args.command](args)
-    except StorageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-
-
-if __name__ == "__main__":
     sys.exit(main())

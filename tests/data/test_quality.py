@@ -174,3 +174,29 @@ def test_a_near_duplicate_chain_across_train_and_test_is_a_leak(good_dataset: Pa
         f"1 near-duplicate pair(s) straddle train and test (leakage) in 1 near-duplicate group(s), "
         f"e.g. ['{paths[0]} ~ {paths[2]}']"
     ) in report.failures
+
+
+def test_images_too_small_in_either_dimension_are_named_per_dimension(good_dataset: Path, tmp_path: Path) -> None:
+    def edit(m: pd.DataFrame) -> None:
+        m.loc[0, "height"] = 9
+        m.loc[[1, 2], "width"] = 12
+
+    report = validate_dataset(edited_copy(good_dataset, tmp_path / "ds", edit), TINY_CONFIG)
+
+    paths = pd.read_parquet(good_dataset / "manifest.parquet")["path"].tolist()
+    assert f"1 ok image(s) are shorter than 16 px (smallest 9 px), e.g. [{paths[0]!r}]" in report.failures
+    assert f"2 ok image(s) are narrower than 16 px (smallest 12 px), e.g. [{paths[1]!r}, {paths[2]!r}]" in (
+        report.failures
+    )
+    checks = {c["check"]: c["success"] for c in report.result["checks"]}
+    assert checks["min_height"] is False and checks["min_width"] is False
+
+
+def test_summary_truncates_warnings_like_failures() -> None:
+    report = QualityReport(True, [], [f"careful {i}" for i in range(12)], {"n_ok": 2, "n_images": 2})
+
+    text = report.summary()
+
+    assert text.startswith("data quality PASSED")
+    assert "WARN careful 9" in text and "careful 10" not in text and "and 2 more warnings" in text
+    assert "FAIL" not in text

@@ -13,7 +13,8 @@ import pandas as pd
 import pytest
 
 from ml.config import DataConfig
-from ml.data.quality import QualityReport, render_html, validate_dataset
+from ml.data.quality import QualityReport, validate_dataset
+from ml.data.quality_page import render_html
 from tests.data.conftest import TINY_CONFIG
 from tests.html_safety import assert_escaped, assert_safe
 

@@ -420,7 +420,7 @@ def test_decompression_bombs_are_quarantined_from_their_headers(tmp_path: Path) 
 def test_eight_thousand_look_alikes_group_in_bounded_memory() -> None:
     # The reviewer's case: every image within 6 bits of every other, 32 M pairs, 5.3 GB before.
     result = run_child("""
-        from ml.data.manifest import near_duplicate_groups, near_duplicate_pairs
+        from ml.data.near_duplicates import near_duplicate_groups, near_duplicate_pairs
         from ml.data.quality import _leaks, _per_class, _statistics
         from ml.data.splits import assign_splits
         rng = np.random.default_rng(0)

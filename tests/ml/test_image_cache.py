@@ -141,3 +141,24 @@ def test_missing_manifest_is_reported(tmp_path: Path) -> None:
     (tmp_path / "ds").mkdir()
     with pytest.raises(DataError, match="dataset.json is missing"):
         build_image_cache(tmp_path / "ds", SIZE, tmp_path / "cache")
+
+
+@pytest.mark.parametrize("size", [7, 2049, 0])
+def test_image_size_outside_the_range_is_refused_before_reading(size: int, tmp_path: Path) -> None:
+    # tmp_path holds no dataset: the size is checked first, so the message is about the size.
+    with pytest.raises(DataError, match=rf"image_size must be in \[8, 2048\] pixels, got {size}"):
+        build_image_cache(tmp_path, size, tmp_path / "cache")
+
+
+@pytest.mark.parametrize("size", [8, 2048])
+def test_image_size_at_the_bounds_is_allowed(size: int, tmp_path: Path) -> None:
+    # Allowed sizes get past the check and fail only on the missing dataset.
+    with pytest.raises(DataError, match="dataset.json is missing"):
+        build_image_cache(tmp_path, size, tmp_path / "cache")
+
+
+def test_the_lock_training_imports_from_here_is_ml_io_one() -> None:
+    import ml.io
+    from ml.data.image_cache import exclusive_lock
+
+    assert exclusive_lock is ml.io.exclusive_lock

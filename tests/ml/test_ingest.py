@@ -363,3 +363,29 @@ def test_s3_listing_stops_at_the_object_limit(tmp_path: Path) -> None:
     with pytest.raises(SourceError, match=r"s3://data/raw/ holds more than 20 objects \(data.max_archive_entries\)"):
         ingest("s3://data/raw", tmp_path / "work", DataConfig(max_archive_entries=20), store=EndlessStore("data", {}))
     assert len(listed) == 21
+
+
+def test_every_download_and_extraction_logs_one_line_with_its_size(
+    sample: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    archive = zip_folder(sample, tmp_path / "comp.zip")
+    monkeypatch.setattr(kaggle_mod, "api_factory", lambda: FakeKaggleApi(archive))
+    store = FakeStore("other", {})
+    store.buckets["data"] = FakeStore("data", {"zips/ds.zip": archive})
+    n_files = sum(1 for f in sample.rglob("*") if f.is_file())
+    with zipfile.ZipFile(archive) as zf:
+        unpacked_mb = f"{sum(i.file_size for i in zf.infolist()) / 1e6:.1f} MB"
+    zipped_mb = f"{archive.stat().st_size / 1e6:.1f} MB"
+
+    with caplog.at_level(logging.INFO, logger="ml.data"):
+        ingest("kaggle:competitions/dog-breed-identification", tmp_path / "k", CONFIG,
+               kaggle_credentials=("alice", SECRET))
+        ingest("s3://data/zips/ds.zip", tmp_path / "s", CONFIG, store=store)
+
+    lines = [(r.name, r.getMessage().split(" in ")[0]) for r in caplog.records if r.getMessage().endswith("MB/s)")]
+    assert lines == [
+        ("ml.data.kaggle", f"downloaded 1 file(s) ({zipped_mb}) of kaggle:competitions/dog-breed-identification"),
+        ("ml.data.extract", f"extracted {n_files} files ({unpacked_mb}) from dog-breed-identification.zip"),
+        ("ml.data.sources", f"fetched 1 objects ({zipped_mb}) from s3://data/zips/"),
+        ("ml.data.extract", f"extracted {n_files} files ({unpacked_mb}) from ds.zip"),
+    ]

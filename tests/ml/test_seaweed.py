@@ -145,3 +145,67 @@ def test_cli_starts_detached_then_status_and_stop(tmp_path: Path) -> None:
     assert not server.is_running()
     assert not (data_dir / "state.json").exists()
     assert _cli("status", "--dir", str(data_dir)).returncode == 1
+
+
+def test_state_file_is_owner_only_whatever_the_umask(tmp_path: Path) -> None:
+    server = SeaweedServer(tmp_path / "weed")
+    server.dir.mkdir()
+    server.ports = {"s3": 31_001, "master": 31_002}
+    server._pid = os.getpid()
+    old = os.umask(0)  # a permissive umask must not widen the file holding the secret
+    try:
+        server._write_state()
+    finally:
+        os.umask(old)
+
+    assert stat.S_IMODE(server.state_path.stat().st_mode) == 0o600
+    assert sorted(p.name for p in server.dir.iterdir()) == ["state.json"]  # no temporary left
+    adopted = SeaweedServer.from_state(server.dir)
+    assert adopted.secret_key == server.secret_key and adopted.endpoint_url == "http://127.0.0.1:31001"
+
+
+def _dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_cli_without_a_server_says_not_running(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from ml.registry.seaweed_cli import main
+
+    status = main(["status", "--dir", str(tmp_path)])
+    status_out = capsys.readouterr().out
+    stop = main(["stop", "--dir", str(tmp_path)])
+    stop_out = capsys.readouterr().out
+
+    assert status == 1 and status_out.startswith("not running: no SeaweedFS state file")
+    assert stop == 0 and stop_out.startswith("not running: no SeaweedFS state file")
+
+
+def test_cli_with_a_stale_state_file_reports_and_cleans_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from ml.registry.seaweed_cli import main
+
+    server = SeaweedServer(tmp_path)
+    server.ports = {"s3": 31_003}
+    server._pid = _dead_pid()
+    server._write_state()
+
+    status = main(["status", "--dir", str(tmp_path)])
+    status_out = capsys.readouterr().out
+    exported = main(["env", "--dir", str(tmp_path)])
+    env_out = capsys.readouterr().out
+    stop = main(["stop", "--dir", str(tmp_path)])
+    stop_out = capsys.readouterr().out
+
+    assert status == 1 and f"stale state file {server.state_path}, pid {server._pid}" in status_out
+    assert exported == 0 and "export ML_S3_ENDPOINT_URL=http://127.0.0.1:31003" in env_out
+    assert stop == 0 and f"pid {server._pid} was not running; state file removed" in stop_out
+    assert not server.state_path.exists()
+
+
+def test_cli_module_runs_as_its_own_program(tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, "-m", "ml.registry.seaweed_cli", "status", "--dir", str(tmp_path)],
+                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=60,
+                          cwd=REPO)
+
+    assert done.returncode == 1 and done.stdout.startswith("not running:"), done.stderr

@@ -134,9 +134,9 @@ def test_near_duplicates_share_a_split() -> None:
 
 @pytest.mark.parametrize("dense_bucket", [2048, 4])
 def test_a_cluster_of_look_alikes_lands_in_one_split(dense_bucket: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    from ml.data import manifest as manifest_mod
+    from ml.data import near_duplicates
 
-    monkeypatch.setattr(manifest_mod, "DENSE_BUCKET", dense_bucket)
+    monkeypatch.setattr(near_duplicates, "DENSE_BUCKET", dense_bucket)
     rng = np.random.default_rng(4)
     base = 0x0123_4567_89AB_CDEF
     look_alikes = {}
