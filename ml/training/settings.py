@@ -111,6 +111,11 @@ class CandidateSettings:
         return get_architecture(self.name)
 
     @property
+    def alpha(self) -> float | None:
+        """The MobileNet width multiplier of a transfer or fine-tuned candidate (None: none or scratch)."""
+        return self.transfer.alpha if self.transfer is not None else None
+
+    @property
     def architecture(self) -> str:
         """What preprocessing.json and train_summary.json call the model: the candidate name of a
         scratch CNN, the backbone architecture otherwise."""

@@ -190,7 +190,7 @@ def test_augment_options_reject_unknown_keys() -> None:
     [([10, 10, 10], 1.5, False), ([20, 10, 5], 1.5, True), ([20, 10, 5], 5.0, False)],
 )
 def test_class_weights(counts: list[int], threshold: float, weighted: bool) -> None:
-    from ml.training.fit import class_weights
+    from ml.training.data import class_weights
 
     labels = np.repeat(np.arange(len(counts)), counts)
     weights, ratio = class_weights(labels, len(counts), threshold)
