@@ -218,14 +218,12 @@ class CandidateSettings:
         )
 
 
+# Fields every candidate takes from TrainConfig unchanged (same names in both).
+_FROM_CONFIG = ("seed", "label_smoothing", "early_stopping_patience", "class_weight_threshold")
+
+
 def _from_config(config: TrainConfig) -> dict[str, Any]:
-    """The settings every candidate takes from the config unchanged."""
-    return {
-        "seed": config.seed,
-        "label_smoothing": config.label_smoothing,
-        "early_stopping_patience": config.early_stopping_patience,
-        "class_weight_threshold": config.class_weight_threshold,
-    }
+    return {name: getattr(config, name) for name in _FROM_CONFIG}
 
 
 def _pick(key: str, sources: _Sources, default: Any, default_name: str) -> tuple[Any, str]:
