@@ -116,7 +116,7 @@ def run(settings: Settings) -> Result:
             "image_size": IMAGE_SIZE,
             "train_images": n_train,
             "cached_images": len(cache),
-            "batch_size": run_cfg["batch_size"],
+            "batch_size": run_cfg.batch_size,
             "backbone_epoch_seconds": [round(s, 3) for s in backbone_seconds],
             "backbone_epoch_s": backbone_epoch,
             "head_epoch_s": head_epoch,
