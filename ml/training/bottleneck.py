@@ -102,7 +102,7 @@ def _try_load(path: Path, rows: int) -> np.ndarray | None:
     if not path.is_file() or not sidecar.is_file():
         return None
     try:
-        meta = json.loads(sidecar.read_text())
+        meta = json.loads(sidecar.read_text(encoding="utf-8"))
         if meta.get("sha256") != sha256_file(path):
             raise ValueError("sha256 mismatch")
         features = np.load(path, mmap_mode="r")

@@ -85,7 +85,7 @@ def finetune_candidate(
             f"{transfer_dir} is not a complete candidate folder (train_summary.json and model.keras "
             "are required)"
         )
-    parent_summary = json.loads(summary_path.read_text())
+    parent_summary = json.loads(summary_path.read_text(encoding="utf-8"))
     parent = parent_summary.get("candidate") if isinstance(parent_summary, dict) else None
     if not isinstance(parent, str):
         raise DataError(f"{summary_path} names no candidate (its 'candidate' is {parent!r})")
@@ -94,7 +94,7 @@ def finetune_candidate(
     seed_everything(settings.seed)
     hardware = configure_hardware()
     cache = build_image_cache(dataset_dir, settings.image_size, cache_root)
-    parent_labels = json.loads((transfer_dir / "labels.json").read_text())
+    parent_labels = json.loads((transfer_dir / "labels.json").read_text(encoding="utf-8"))
     if parent_labels != cache.labels:
         raise DataError(
             f"{transfer_dir / 'labels.json'} differs from dataset {cache.dataset_hash[:12]}'s labels; "
