@@ -2,7 +2,7 @@
 
 Both sides are the project's own training paths for a transfer candidate, on the same image
 cache, model, batch size and seed: `fit_model` (what runs when augmentation is on: every
-epoch pushes every image through the frozen backbone) and `_fit_on_bottlenecks` (augmentation
+epoch pushes every image through the frozen backbone) and `fit_on_bottlenecks` (augmentation
 off: the backbone runs once per image, `load_or_compute` stores the pooled features, and the
 head trains on them). Seconds per epoch are the median over epochs 2+ (epoch 1 traces the
 tf.function); the one-off feature extraction is reported separately, with the number of
@@ -11,6 +11,7 @@ epochs after which it has paid for itself.
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import time
 from typing import Any
@@ -37,15 +38,10 @@ def run(settings: Settings) -> Result:
     from ml.data.image_cache import build_image_cache
     from ml.models.transfer import build_transfer
     from ml.models.weights import weights_id
-    from ml.training.fit import (
-        TrainData,
-        _fit_on_bottlenecks,
-        compile_model,
-        fit_model,
-        run_settings,
-        seed_everything,
-    )
+    from ml.training.data import TrainData
+    from ml.training.fit import compile_model, fit_model, fit_on_bottlenecks, seed_everything
     from ml.training.hardware import configure_hardware
+    from ml.training.settings import CandidateSettings
 
     candidate = f"transfer_{ARCH}"
     config = TrainConfig(
@@ -57,23 +53,22 @@ def run(settings: Settings) -> Result:
         seed=settings.seed,
         candidate_options={candidate: {"alpha": ALPHA}},
     )
-    options = config.options_for(candidate)
-    run_cfg = run_settings(config, options)
+    run_cfg = CandidateSettings.for_candidate(config, candidate)
     hardware = configure_hardware()
     cache = build_image_cache(generated_dataset(settings.images, settings.seed), IMAGE_SIZE, CACHE_ROOT)
-    data = TrainData.from_cache(cache, config, run_cfg)
+    data = TrainData.from_cache(cache, config.class_weight_threshold)
     n_train = len(data.train_rows)
 
     def model() -> Any:
         seed_everything(config.seed)
         with hardware.scope():
-            m = build_transfer(ARCH, data.num_classes, IMAGE_SIZE, options=options, weights=None)
-            compile_model(m, run_cfg["learning_rate"], config.label_smoothing)
+            m = build_transfer(ARCH, data.num_classes, IMAGE_SIZE, options=run_cfg.transfer, weights=None)
+            compile_model(m, run_cfg.learning_rate, config.label_smoothing)
         return m
 
     # Baseline: every epoch through the frozen backbone.
     timer = epoch_timer()
-    fit_model(model(), data, None, run_cfg, config, [timer])
+    fit_model(model(), data, run_cfg, [timer])  # config.augment=False: no augmentation either side
     backbone_seconds = list(timer.seconds)
     backbone_epoch = median(steady_epochs(backbone_seconds))
     log.info("bottleneck: backbone epochs %s s", [round(s, 2) for s in backbone_seconds])
@@ -81,20 +76,17 @@ def run(settings: Settings) -> Result:
     # Project: features computed once (into a fresh root: no hit from an earlier run), then head epochs.
     features_root = settings.work / "bottleneck-bench"
     shutil.rmtree(features_root, ignore_errors=True)
-    head_cfg = run_settings(config, options, epochs=config.epochs + 2)  # head epochs are ms: more samples
+    head_cfg = dataclasses.replace(run_cfg, epochs=config.epochs + 2)  # head epochs are ms: more samples
     timer = epoch_timer()
     started = time.perf_counter()
-    _, _, info = _fit_on_bottlenecks(
+    _, _, info = fit_on_bottlenecks(
         model(),
         data,
         head_cfg,
-        config,
         [timer],
-        features_root,
-        ARCH,
-        ALPHA,
-        weights_id(None, ARCH, IMAGE_SIZE, alpha=ALPHA, seed=config.seed),
-        hardware,
+        cache_root=features_root,
+        weights_id=weights_id(None, ARCH, IMAGE_SIZE, alpha=ALPHA, seed=config.seed),
+        hardware=hardware,
     )
     if info["hit"]:
         raise RuntimeError(f"bottleneck features were a cache hit ({info['path']}); extraction was not timed")
@@ -124,7 +116,7 @@ def run(settings: Settings) -> Result:
             "image_size": IMAGE_SIZE,
             "train_images": n_train,
             "cached_images": len(cache),
-            "batch_size": run_cfg["batch_size"],
+            "batch_size": run_cfg.batch_size,
             "backbone_epoch_seconds": [round(s, 3) for s in backbone_seconds],
             "backbone_epoch_s": backbone_epoch,
             "head_epoch_s": head_epoch,

@@ -60,8 +60,8 @@ def run(settings: Settings) -> list[Result]:
 
     from ml.data.image_cache import build_image_cache
     from ml.models.scratch import build_scratch
-    from ml.training.fit import compile_model, one_hot, seed_everything
-    from ml.training.input_pipeline import split_dataset
+    from ml.training.fit import compile_model, seed_everything
+    from ml.training.input_pipeline import one_hot, split_dataset
 
     seed = settings.seed
     measured = 1 if settings.quick else 3  # timed epochs per side, after one warm-up epoch each

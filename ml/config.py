@@ -11,6 +11,7 @@ from Airflow connections and are passed to the clients directly.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -145,6 +146,43 @@ class DataConfig:
             object.__setattr__(self, "allowed_labels", tuple(self.allowed_labels))
 
 
+# The one valid range of each training setting a candidate may override. TrainConfig checks its
+# values and ml.training.settings.CandidateSettings each candidate's overrides with the functions
+# below, so a value the config file accepts is one a candidate option accepts, and the reverse.
+IMAGE_SIZE_RANGE = (32, 600)  # pixels: keras.applications' smallest input up to EfficientNetB7's 600
+EPOCHS_RANGE = (1, 1000)
+BATCH_SIZE_RANGE = (1, 4096)  # images per step
+LEARNING_RATE_RANGE = (0.0, 1.0)  # Adam's initial rate; both ends excluded
+
+
+def check_int_setting(name: str, value: Any, bounds: tuple[int, int]) -> int:
+    """`value` as an int in [low, high]: integral floats (YAML ``96.0``) pass, bools and strings do not.
+
+    Raises:
+        ConfigError: naming `name`, what is allowed and what was given.
+    """
+    low, high = bounds
+    number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not (number and value == int(value)):
+        raise ConfigError(f"{name} must be an integer in [{low}, {high}], got {value!r}")
+    if not low <= value <= high:
+        raise ConfigError(f"{name} must be in [{low}, {high}], got {value!r}")
+    return int(value)
+
+
+def check_rate_setting(name: str, value: Any, bounds: tuple[float, float]) -> float:
+    """`value` as a float strictly between the two bounds.
+
+    Raises:
+        ConfigError: naming `name`, what is allowed and what was given.
+    """
+    low, high = bounds
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not (number and low < value < high):
+        raise ConfigError(f"{name} must be a number in ({low:g}, {high:g}), got {value!r}")
+    return float(value)
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Which candidates to train and how."""
@@ -176,11 +214,11 @@ class TrainConfig:
             _check_registry_name(name, "train.candidates")
         for name in self.candidate_options:
             _check_registry_name(name, "train.candidate_options")
-        _require(1 <= self.epochs <= 1000, f"train.epochs must be in [1, 1000], got {self.epochs}")
-        _require(32 <= self.image_size <= 600,
-                 f"train.image_size must be in [32, 600] pixels, got {self.image_size}")
-        _require(1 <= self.batch_size <= 4096, f"train.batch_size must be in [1, 4096], got {self.batch_size}")
-        _require(0 < self.learning_rate < 1, f"train.learning_rate must be in (0, 1), got {self.learning_rate}")
+        for name, bounds in (("epochs", EPOCHS_RANGE), ("image_size", IMAGE_SIZE_RANGE),
+                             ("batch_size", BATCH_SIZE_RANGE), ("finetune_epochs", EPOCHS_RANGE)):
+            object.__setattr__(self, name, check_int_setting(f"train.{name}", getattr(self, name), bounds))
+        object.__setattr__(self, "learning_rate",
+                           check_rate_setting("train.learning_rate", self.learning_rate, LEARNING_RATE_RANGE))
         _require(bool(self.weights), f"train.weights must be {WEIGHT_CHOICES_HELP}")
         _require(0 <= self.label_smoothing < 1,
                  f"train.label_smoothing must be in [0, 1), got {self.label_smoothing}")

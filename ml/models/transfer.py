@@ -149,7 +149,7 @@ def build_transfer(
     num_classes: int,
     image_size: int,
     *,
-    options: Mapping[str, Any] | None = None,
+    options: Mapping[str, Any] | TransferOptions | None = None,
     weights: str | None = None,
 ) -> keras.Model:
     """A transfer model with a frozen backbone (see the module docstring for the layout).
@@ -158,11 +158,12 @@ def build_transfer(
         arch: Registry architecture name (``mobilenet_v2``) or ``transfer_<arch>``.
         num_classes: Softmax units.
         image_size: Input size in pixels.
-        options: ``alpha``, ``dropout``, ``head_units``.
+        options: ``alpha``, ``dropout``, ``head_units``: raw candidate options, or options
+            `transfer_options` already checked (training passes its resolved settings' ones).
         weights: As `build_backbone` (already resolved by `ml.models.weights.resolve_weights`).
     """
     spec = get_architecture(arch)
-    opts = transfer_options(spec, options)
+    opts = options if isinstance(options, TransferOptions) else transfer_options(spec, options)
     backbone = build_backbone(spec, image_size, alpha=opts.alpha, weights=weights)
     head = build_head(
         int(backbone.output_shape[-1]), num_classes, dropout=opts.dropout, head_units=opts.head_units

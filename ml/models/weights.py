@@ -12,32 +12,25 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from ml.errors import ConfigError
+from ml.io import atomic_path, sha256_file, write_atomic
 from ml.models.registry import ArchitectureSpec, get_architecture
 
 log = logging.getLogger(__name__)
 
 WEIGHT_SUFFIXES = (".h5", ".keras")
-_CHUNK = 1 << 20  # 1 MiB read blocks for hashing
+
+# Old name of ml.io.sha256_file, still imported by tests/faults; new code imports ml.io.sha256_file.
+file_sha256 = sha256_file
 
 
 def keras_models_dir() -> Path:
     """Where Keras caches downloaded application weights (``$KERAS_HOME/models``)."""
     home = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
     return Path(home) / "models"
-
-
-def file_sha256(path: Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while block := fh.read(_CHUNK):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def resolve_weights(
@@ -108,7 +101,7 @@ def weights_id(
         return f"random-seed{seed}"
     if resolved == "imagenet":
         return "imagenet-" + arch_spec.weights_file_name(image_size, alpha).removesuffix(".h5")
-    return "file-" + file_sha256(Path(resolved))[:16]
+    return "file-" + sha256_file(resolved)[:16]
 
 
 def _ensure_imagenet(spec: ArchitectureSpec, image_size: int, alpha: float | None) -> None:
@@ -141,19 +134,12 @@ def _download_s3(uri: str, store: Any, cache_dir: Path) -> Path:
     folder = cache_dir / "weights" / hashlib.sha256(uri.encode()).hexdigest()[:24]
     target = folder / name
     sidecar = folder / (name + ".sha256")
-    if target.is_file() and sidecar.is_file() and sidecar.read_text().strip() == file_sha256(target):
+    if target.is_file() and sidecar.is_file() and sidecar.read_text().strip() == sha256_file(target):
         log.info("weights %s: using cached copy %s", uri, target)
         return target
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=folder, prefix=".download-", suffix=name)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    with atomic_path(target) as tmp:
         store.for_bucket(bucket).download_file(key, str(tmp))
-        digest = file_sha256(tmp)
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
-    sidecar.write_text(digest + "\n")
+        digest = sha256_file(tmp)
+    write_atomic(sidecar, digest + "\n")
     log.info("weights %s: downloaded to %s (sha256 %s)", uri, target, digest[:12])
     return target

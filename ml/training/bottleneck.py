@@ -12,16 +12,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ml.models.weights import file_sha256
+from ml.io import atomic_path, exclusive_lock, sha256_file, write_json
 
 if TYPE_CHECKING:
     import keras
@@ -86,9 +84,6 @@ def load_or_compute(
     if found is not None:
         log.info("bottlenecks: cache hit %s (%d x %d)", path, *found.shape)
         return Bottlenecks(found, path, hit=True)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    from ml.data.image_cache import exclusive_lock
-
     with exclusive_lock(path.with_suffix(".lock")):
         found = _try_load(path, len(cache))
         if found is not None:
@@ -107,8 +102,8 @@ def _try_load(path: Path, rows: int) -> np.ndarray | None:
     if not path.is_file() or not sidecar.is_file():
         return None
     try:
-        meta = json.loads(sidecar.read_text())
-        if meta.get("sha256") != file_sha256(path):
+        meta = json.loads(sidecar.read_text(encoding="utf-8"))
+        if meta.get("sha256") != sha256_file(path):
             raise ValueError("sha256 mismatch")
         features = np.load(path, mmap_mode="r")
     except (OSError, ValueError) as exc:
@@ -123,34 +118,28 @@ def _try_load(path: Path, rows: int) -> np.ndarray | None:
 
 
 def _compute(cache: ImageCache, extractor: keras.Model, path: Path, batch_size: int) -> None:
+    from ml.training.input_pipeline import split_dataset
+
     started = time.monotonic()
     n = len(cache)
     dim = int(extractor.output_shape[-1])
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}.npy")
-    try:
-        from ml.training.input_pipeline import split_dataset
-
-        # One predict() over a streamed dataset: one tf.function trace, batches from the memmap.
-        images = split_dataset(cache, "all", batch_size=batch_size).map(lambda x, y: x)
-        features = np.asarray(extractor.predict(images, verbose=0), dtype=np.float32).reshape(n, dim)
+    # One predict() over a streamed dataset: one tf.function trace, batches from the memmap.
+    images = split_dataset(cache, "all", batch_size=batch_size).map(lambda x, y: x)
+    features = np.asarray(extractor.predict(images, verbose=0), dtype=np.float32).reshape(n, dim)
+    with atomic_path(path, suffix=".npy") as tmp:
         np.save(tmp, features)
-        digest = file_sha256(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    side_tmp = _sidecar(path).with_name(f".{path.stem}.json.tmp-{uuid.uuid4().hex[:8]}")
-    side_tmp.write_text(
-        json.dumps(
-            {
-                "sha256": digest,
-                "shape": [n, dim],
-                "dataset_hash": cache.dataset_hash,
-                "image_size": cache.image_size,
-                "version": FORMAT_VERSION,
-            }
-        )
+        digest = sha256_file(tmp)  # of the bytes written, before anyone can read them under `path`
+    # The sidecar last: without it (or with another file's digest) the features are never used.
+    write_json(
+        _sidecar(path),
+        {
+            "sha256": digest,
+            "shape": [n, dim],
+            "dataset_hash": cache.dataset_hash,
+            "image_size": cache.image_size,
+            "version": FORMAT_VERSION,
+        },
     )
-    os.replace(side_tmp, _sidecar(path))
     log.info(
         "bottlenecks: computed %d x %d features in %.1fs -> %s", n, dim, time.monotonic() - started, path
     )

@@ -12,13 +12,12 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ml.config import TrainConfig
 from ml.errors import ConfigError, DataError
-from ml.models.registry import ArchitectureSpec, get_architecture, parse_candidate
+from ml.models.registry import ArchitectureSpec
 
 if TYPE_CHECKING:
     import keras
@@ -59,29 +58,24 @@ def finetune_candidate(
 ) -> dict[str, Any]:
     """Fine-tune the transfer candidate in `transfer_dir` into ``finetune_<arch>`` in `out_dir`.
 
-    Learning rate ``config.learning_rate * config.finetune_lr_factor`` and
-    ``config.finetune_epochs`` epochs, unless ``config.options_for('finetune_<arch>')`` sets
-    ``learning_rate``/``epochs``; other options (augmentation) fall back to the transfer
-    candidate's. Writes the same files as `ml.training.fit.train_candidate`, with ``parent``
-    = the transfer candidate.
+    Settings come from `CandidateSettings.for_finetune`: learning rate ``config.learning_rate *
+    config.finetune_lr_factor`` and ``config.finetune_epochs`` epochs, unless
+    ``config.options_for('finetune_<arch>')`` sets ``learning_rate``/``epochs``; other options
+    (augmentation) fall back to the transfer candidate's; the image size is the transfer
+    candidate's. Writes the same files as `ml.training.fit.train_candidate`, with ``parent`` =
+    the transfer candidate.
 
     Returns:
         The train summary.
     """
     from ml.data.image_cache import build_image_cache
+    from ml.io import staging_dir
     from ml.models import load_model
-    from ml.training.fit import (
-        TrainData,
-        compile_model,
-        finish_candidate,
-        fit_model,
-        make_callbacks,
-        run_settings,
-        seed_everything,
-        staging_dir,
-    )
+    from ml.training.callbacks import make_callbacks
+    from ml.training.data import TrainData
+    from ml.training.fit import compile_model, finish_candidate, fit_model, seed_everything
     from ml.training.hardware import configure_hardware
-    from ml.training.input_pipeline import AugmentConfig
+    from ml.training.settings import CandidateSettings
 
     started = time.monotonic()
     transfer_dir, out_dir = Path(transfer_dir), Path(out_dir)
@@ -91,73 +85,48 @@ def finetune_candidate(
             f"{transfer_dir} is not a complete candidate folder (train_summary.json and model.keras "
             "are required)"
         )
-    parent_summary = json.loads(summary_path.read_text())
-    parent = parent_summary["candidate"]
-    kind, arch = parse_candidate(parent)
-    if kind != "transfer":
-        raise ConfigError(f"only transfer candidates can be fine-tuned, {transfer_dir} holds {parent!r}")
-    spec = get_architecture(arch)
-    candidate = f"finetune_{arch}"
-    own = config.options_for(candidate)
-    options = {**config.options_for(parent), **own}
-    settings = run_settings(
-        config,
-        options,
-        image_size=int(parent_summary["image_size"]),
-        epochs=int(own.get("epochs", config.finetune_epochs)),
-        learning_rate=float(own.get("learning_rate", config.learning_rate * config.finetune_lr_factor)),
-    )
-    seed_everything(config.seed)
+    parent_summary = json.loads(summary_path.read_text(encoding="utf-8"))
+    parent = parent_summary.get("candidate") if isinstance(parent_summary, dict) else None
+    if not isinstance(parent, str):
+        raise DataError(f"{summary_path} names no candidate (its 'candidate' is {parent!r})")
+    settings = CandidateSettings.for_finetune(config, parent, parent_summary.get("image_size"), source=transfer_dir)
+    spec = settings.spec
+    seed_everything(settings.seed)
     hardware = configure_hardware()
-    cache = build_image_cache(dataset_dir, settings["image_size"], cache_root)
-    parent_labels = json.loads((transfer_dir / "labels.json").read_text())
+    cache = build_image_cache(dataset_dir, settings.image_size, cache_root)
+    parent_labels = json.loads((transfer_dir / "labels.json").read_text(encoding="utf-8"))
     if parent_labels != cache.labels:
         raise DataError(
             f"{transfer_dir / 'labels.json'} differs from dataset {cache.dataset_hash[:12]}'s labels; "
             "fine-tune on the dataset the transfer candidate was trained on"
         )
-    data = TrainData.from_cache(cache, config, settings)
-    augment = AugmentConfig.from_options(options, default_on=config.augment)
+    data = TrainData.from_cache(cache, settings.class_weight_threshold)
 
     with staging_dir(out_dir) as staging:
         with hardware.scope():
             model = load_model(transfer_dir / "model.keras", compile=False)
             unfrozen = unfreeze_from_boundary(model, spec)
-            compile_model(model, settings["learning_rate"], config.label_smoothing)
+            compile_model(model, settings.learning_rate, settings.label_smoothing)
         log.info(
             "fine-tuning %s from %s: %d backbone layers unfrozen from %s, lr=%g, %d epochs",
-            candidate,
-            parent,
+            settings.candidate,
+            settings.parent,
             len(unfrozen),
             spec.finetune_boundary,
-            settings["learning_rate"],
-            settings["epochs"],
+            settings.learning_rate,
+            settings.epochs,
         )
-        callbacks = make_callbacks(staging, out_dir, config.early_stopping_patience, data.has_val)
-        history, val = fit_model(model, data, augment, settings, config, callbacks)
+        callbacks = make_callbacks(staging, out_dir, settings.early_stopping_patience, data.has_val)
+        history, val = fit_model(model, data, settings, callbacks)
+        extra = {
+            "bottleneck": None,
+            "weights": parent_summary.get("weights"),
+            "weights_id": parent_summary.get("weights_id"),
+            "finetune_boundary": spec.finetune_boundary,
+            "unfrozen_layers": len(unfrozen),
+            "parent_val_accuracy": parent_summary.get("val_accuracy"),
+        }
         return finish_candidate(
-            model,
-            staging,
-            out_dir,
-            data=data,
-            history=history,
-            val=val,
-            started=started,
-            base={
-                "candidate": candidate,
-                "architecture": arch,
-                "kind": "finetune",
-                "parent": parent,
-                "preprocess": spec.preprocess,
-                "hardware": hardware.description,
-                "augment": asdict(augment) if augment is not None else None,
-                "options": json.loads(json.dumps(options, default=str)),
-                "bottleneck": None,
-                "weights": parent_summary.get("weights"),
-                "weights_id": parent_summary.get("weights_id"),
-                "finetune_boundary": spec.finetune_boundary,
-                "unfrozen_layers": len(unfrozen),
-                "parent_val_accuracy": parent_summary.get("val_accuracy"),
-            },
-            settings=settings,
+            model, staging, out_dir, settings, data=data, history=history, val=val, started=started,
+            hardware=hardware, extra=extra,
         )

@@ -50,7 +50,7 @@ def predict_split(
     labels = cache.labels
     labels_file = model_path.with_name("labels.json")
     if labels_file.is_file():
-        model_labels = json.loads(labels_file.read_text())
+        model_labels = json.loads(labels_file.read_text(encoding="utf-8"))
         if list(model_labels) != labels:
             raise DataError(
                 f"{labels_file} lists {len(model_labels)} labels that differ from dataset "

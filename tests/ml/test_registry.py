@@ -43,6 +43,7 @@ def test_registry_import_does_not_import_tensorflow() -> None:
         "import sys, ml.models.registry as r, ml.models, ml.models.weights, ml.models.layers, "
         "ml.models.scratch, ml.models.transfer, ml.training.fit, ml.training.finetune, "
         "ml.training.bottleneck, ml.training.predict, ml.training.hardware, ml.training.input_pipeline, "
+        "ml.training.settings, ml.training.callbacks, ml.training.data, ml.training.resources, "
         "ml.data.image_cache; r.candidate_names(); r.parse_candidate('transfer_mobilenet_v2'); "
         "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras'))))"
     )

@@ -190,7 +190,7 @@ def test_augment_options_reject_unknown_keys() -> None:
     [([10, 10, 10], 1.5, False), ([20, 10, 5], 1.5, True), ([20, 10, 5], 5.0, False)],
 )
 def test_class_weights(counts: list[int], threshold: float, weighted: bool) -> None:
-    from ml.training.fit import class_weights
+    from ml.training.data import class_weights
 
     labels = np.repeat(np.arange(len(counts)), counts)
     weights, ratio = class_weights(labels, len(counts), threshold)
@@ -427,3 +427,51 @@ def test_train_candidate_rejects_finetune_and_unknown_names(
         train_candidate(
             tiny_dataset, "scratch_enormous", tmp_path, _config("scratch_tiny"), cache_root=cache_root
         )
+
+
+def _count_options_for(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Record every TrainConfig.options_for call: the options are resolved once, by CandidateSettings."""
+    calls: list[str] = []
+    original = TrainConfig.options_for
+
+    def counting(self: TrainConfig, candidate: str) -> dict[str, Any]:
+        calls.append(candidate)
+        return original(self, candidate)
+
+    monkeypatch.setattr(TrainConfig, "options_for", counting)
+    return calls
+
+
+def _stop_at_fit(*args: Any, **kwargs: Any) -> None:
+    raise KeyboardInterrupt("stop once the model is built")
+
+
+def test_train_candidate_resolves_the_options_once(
+    tiny_dataset: Path, cache_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import ml.training.fit as fit
+
+    calls = _count_options_for(monkeypatch)
+    monkeypatch.setattr(fit, "fit_model", _stop_at_fit)
+    with pytest.raises(KeyboardInterrupt):
+        fit.train_candidate(
+            tiny_dataset, "scratch_tiny", tmp_path / "out", _config("scratch_tiny", {"depth": 2}), cache_root=cache_root
+        )
+
+    assert calls == ["scratch_tiny"]
+
+
+def test_finetune_resolves_its_own_and_its_parents_options_once(
+    transfer_run: dict[str, Any], tiny_dataset: Path, cache_root: Path, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import ml.training.fit as fit
+    from ml.training.finetune import finetune_candidate
+
+    calls = _count_options_for(monkeypatch)
+    monkeypatch.setattr(fit, "fit_model", _stop_at_fit)
+    with pytest.raises(KeyboardInterrupt):
+        finetune_candidate(tiny_dataset, transfer_run["out"], tmp_path / "ft", transfer_run["config"],
+                           cache_root=cache_root)
+
+    assert sorted(calls) == ["finetune_mobilenet", "transfer_mobilenet"]
