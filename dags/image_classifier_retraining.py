@@ -32,7 +32,7 @@ import pendulum
 from airflow.sdk import Asset, Param, TaskGroup, dag, get_current_context, task
 from airflow.sdk.definitions.retry_policy import ExceptionRetryPolicy, RetryAction, RetryRule
 
-from ml.config import PRODUCTION_ASSET_NAME, PRODUCTION_ASSET_URI
+from ml.config import IMAGE_SIZE_RANGE, PRODUCTION_ASSET_NAME, PRODUCTION_ASSET_URI
 from ml.models.registry import candidate_names
 
 PRODUCTION_MODEL = Asset(name=PRODUCTION_ASSET_NAME, uri=PRODUCTION_ASSET_URI)
@@ -71,7 +71,7 @@ PARAMS = {
     "epochs": _param("integer", "Epochs", "Maximum epochs per candidate (early stopping may end sooner). "
                      "Empty: train.epochs.", minimum=1, maximum=200),
     "image_size": _param("integer", "Image size (px)", "Square input size for every candidate. "
-                         "Empty: train.image_size.", minimum=32, maximum=600),
+                         "Empty: train.image_size.", minimum=IMAGE_SIZE_RANGE[0], maximum=IMAGE_SIZE_RANGE[1]),
     "weights": _param("string", "Backbone weights", "imagenet (Keras cache; pre-stage it on air-gapped workers), "
                       "none, a weights file path or an s3:// URI. Empty: train.weights."),
     "finetune_top_k": _param("integer", "Fine-tune top k", "How many of the best transfer candidates to fine-tune. "

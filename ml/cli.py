@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from ml.config import REPO_ROOT, PipelineConfig, overrides_from_params
 from ml.errors import ConfigError, DataError, DataQualityError, MLError, StorageError
+from ml.io import read_json
 
 if TYPE_CHECKING:
     from ml.registry.store import ObjectStore
@@ -45,7 +46,7 @@ def open_store(config: PipelineConfig) -> ObjectStore:
     from ml.registry.store import store_from_credentials
 
     if not os.environ.get("AWS_ACCESS_KEY_ID") and DEMO_STORE_STATE.exists():
-        state = json.loads(DEMO_STORE_STATE.read_text())
+        state = read_json(DEMO_STORE_STATE)
         log.info("no AWS_ACCESS_KEY_ID set: using the demo object store at %s", state["endpoint_url"])
         return store_from_credentials(config.storage, login=state["access_key"], password=state["secret_key"],
                                       extra={"endpoint_url": state["endpoint_url"]})
@@ -144,7 +145,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     config = _config(args)
     results = []
     for cand_dir in map(Path, args.candidate_dirs):
-        summary = json.loads((cand_dir / "train_summary.json").read_text())
+        summary = read_json(cand_dir / "train_summary.json")
         check_candidate(summary.get("candidate"))  # it names a folder below
         # Evaluate in place: the run folder links to the candidate folder, where metrics and plots go.
         link = local_run_dir(config, args.run_id) / summary["candidate"]
@@ -207,9 +208,9 @@ def cmd_promote(args: argparse.Namespace) -> int:
     config = _config(args, min_delta=args.min_delta, force=args.force)
     store = open_store(config)
     run_dir = local_run_dir(config, args.run_id)
-    dataset = json.loads((Path(args.dataset) / "dataset.json").read_text())
+    dataset = read_json(Path(args.dataset) / "dataset.json")
     dataset["dataset_dir"] = str(Path(args.dataset))
-    evaluation = json.loads((run_dir / "leaderboard" / "leaderboard.json").read_text())
+    evaluation = read_json(run_dir / "leaderboard" / "leaderboard.json")
     rows = evaluation if isinstance(evaluation, list) else evaluation.get("rows", evaluation)
     evaluation = {"leaderboard": rows, "best": args.candidate or rows[0]["candidate"], "production": None}
     decision = gate_stage(args.dataset, evaluation, config, store, args.run_id)

@@ -66,6 +66,11 @@ def write_json(path: str | Path, obj: Any, *, sort_keys: bool = True) -> Path:
     return write_atomic(path, text)
 
 
+def read_json(path: str | Path) -> Any:
+    """Parse a UTF-8 JSON file (what `write_json` writes: non-ASCII labels stay readable everywhere)."""
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
 def write_npz(path: str | Path, **arrays: Any) -> Path:
     """A compressed .npz of `arrays`, atomically."""
     import numpy as np

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from ml.config import PipelineConfig
 from ml.errors import DataError
-from ml.io import fresh_dir, to_jsonable, write_json
+from ml.io import fresh_dir, read_json, to_jsonable, write_json
 from ml.registry import layout
 from ml.registry.runs import (
     cache_root,
@@ -273,10 +273,10 @@ def decide(dataset_dir: Path, challenger_name: str, pointer: Mapping[str, Any] |
     from ml.registry.gate import CandidateEval
     from ml.registry.gate import decide as gate_decide
 
-    labels = json.loads((dataset_dir / "dataset.json").read_text())["labels"]
+    labels = read_json(dataset_dir / "dataset.json")["labels"]
     cand_dir = ensure_candidate_local(store, config, run_id, challenger_name)
     preds = np.load(cand_dir / "predictions.npz")
-    metrics = json.loads((cand_dir / "metrics.json").read_text())
+    metrics = read_json(cand_dir / "metrics.json")
     challenger = CandidateEval(name=challenger_name, y_pred=preds["probs"].argmax(axis=1), metrics=metrics,
                                labels=list(labels))
     champion = None
@@ -343,7 +343,7 @@ def _run_json(config: PipelineConfig, store: ObjectStore | None, run_id: str, na
     """A run-level JSON file: this worker's copy, else the store's (another worker may have written it)."""
     local = local_run_dir(config, run_id) / name
     if local.exists():
-        return json.loads(local.read_text())
+        return read_json(local)
     if store is None:
         return None
     found = store.get_with_etag(run_key(config, run_id, name))

@@ -7,13 +7,12 @@ paired tests) and reused when a retried task finds them.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ml.io import write_json, write_npz
+from ml.io import read_json, write_json, write_npz
 from ml.registry.runs import cache_root, ensure_candidate_local, local_run_dir, publish_evaluation
 
 if TYPE_CHECKING:
@@ -51,7 +50,7 @@ def evaluate_candidate(dataset_dir: Path, candidate: str, config: PipelineConfig
 
     cand_dir = ensure_candidate_local(store, config, run_id, candidate)
     if (cand_dir / "metrics.json").exists() and (cand_dir / "predictions.npz").exists():
-        return json.loads((cand_dir / "metrics.json").read_text())
+        return read_json(cand_dir / "metrics.json")
     model_path = cand_dir / "model.keras"
     y_true, probs, labels = predict_split(model_path, dataset_dir, "test", cache_root=cache_root(config))
     metrics = evaluate_predictions(y_true, probs, labels)
@@ -91,9 +90,9 @@ def evaluate_version(dataset_dir: Path, version: str, config: PipelineConfig, st
     out_dir = production_dir(config, run_id, version)
     cached = out_dir / "metrics.json"
     if cached.exists():
-        return json.loads(cached.read_text())
+        return read_json(cached)
     predictor = load_version(store, config.storage.model_name, version, cache_dir=config.work_dir / "models")
-    dataset_labels = json.loads((dataset_dir / "dataset.json").read_text())["labels"]
+    dataset_labels = read_json(dataset_dir / "dataset.json")["labels"]
     y_true, probs, _ = predict_split(predictor.model_path, dataset_dir, "test", cache_root=cache_root(config))
     same_labels = list(predictor.labels) == list(dataset_labels)
     if not same_labels:

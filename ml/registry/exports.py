@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ml.errors import DataError, ModelVerificationError
-from ml.io import atomic_path, write_atomic, write_npz
+from ml.io import atomic_path, read_json, write_atomic, write_npz
 
 if TYPE_CHECKING:
     import keras
@@ -149,7 +149,6 @@ def build_exports(model_path: str | Path, out_dir: str | Path, *, golden_images:
     Raises:
         ModelVerificationError: the model cannot be loaded or exported as a SavedModel.
     """
-    import json
 
     from ml.models import load_model
 
@@ -157,7 +156,7 @@ def build_exports(model_path: str | Path, out_dir: str | Path, *, golden_images:
     out_dir.mkdir(parents=True, exist_ok=True)
     model = load_model(model_path, compile=False)
     labels_file = model_path.with_name("labels.json")
-    labels = json.loads(labels_file.read_text()) if labels_file.is_file() else None
+    labels = read_json(labels_file) if labels_file.is_file() else None
     out = {GOLDEN_FILE: write_golden(model, golden_images, out_dir / GOLDEN_FILE, labels=labels)}
     try:
         out[SAVED_MODEL_FILE] = export_saved_model(model, out_dir / SAVED_MODEL_FILE)

@@ -8,7 +8,6 @@ golden test images (``golden.npz`` goes with them).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Mapping
@@ -16,7 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ml.io import fresh_dir, write_atomic, write_json
+from ml.io import fresh_dir, read_json, write_atomic, write_json
 from ml.registry import layout
 from ml.registry.runs import cache_root, ensure_candidate_local, local_run_dir
 
@@ -74,9 +73,9 @@ def publish_challenger(version: str, dataset: Mapping[str, Any], evaluation: Map
 
     candidate = decision["challenger"]
     cand_dir = ensure_candidate_local(store, config, run_id, candidate)
-    metrics = json.loads((cand_dir / "metrics.json").read_text())
-    labels = json.loads((cand_dir / "labels.json").read_text())
-    summary = json.loads((cand_dir / layout.CANDIDATE_MARKER).read_text())
+    metrics = read_json(cand_dir / "metrics.json")
+    labels = read_json(cand_dir / "labels.json")
+    summary = read_json(cand_dir / layout.CANDIDATE_MARKER)
     origin = lineage(version, candidate, run_id, dataset, decision, config, summary)
     stage = fresh_dir(local_run_dir(config, run_id) / "version" / version)
     write_json(stage / "lineage.json", origin)
@@ -94,7 +93,7 @@ def publish_challenger(version: str, dataset: Mapping[str, Any], evaluation: Map
     files.update({name: stage / name for name in ("metrics.json", "lineage.json", "model_card.html",
                                                   "dataset_profile.json")})
     # Serving exports ship only once they agree with model.keras on golden test images.
-    image_size = int(json.loads((cand_dir / "preprocessing.json").read_text())["image_size"])
+    image_size = int(read_json(cand_dir / "preprocessing.json")["image_size"])
     golden = golden_images(dataset["dataset_dir"], image_size, cache_root(config))
     exports = build_exports(cand_dir / "model.keras", stage / "exports", golden_images=golden)
     checked = verify_exports(exports, model_path=cand_dir / "model.keras")["checked"]

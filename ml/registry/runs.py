@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ml.errors import DataError
-from ml.io import to_jsonable, write_json
+from ml.io import read_json, to_jsonable, write_json
 from ml.registry import layout
 
 if TYPE_CHECKING:
@@ -136,7 +136,7 @@ def published_candidates(config: PipelineConfig, store: ObjectStore | None, run_
     """Summaries of every candidate this run published (the marker object exists), by name."""
     if store is None:
         base = local_run_dir(config, run_id)
-        return [json.loads(p.read_text()) for p in sorted(base.glob(f"*/{layout.CANDIDATE_MARKER}"))]
+        return [read_json(p) for p in sorted(base.glob(f"*/{layout.CANDIDATE_MARKER}"))]
     prefix = f"{layout.run_prefix(config.storage.model_name, run_id)}/"
     keys = sorted(k for k in store.list_keys(prefix) if k.count("/") == prefix.count("/") + 1
                   and k.endswith("/" + layout.CANDIDATE_MARKER))

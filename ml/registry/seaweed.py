@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ml.errors import StorageError
-from ml.io import atomic_path, pid_alive
+from ml.io import atomic_path, pid_alive, read_json
 
 log = logging.getLogger(__name__)
 
@@ -332,7 +332,7 @@ class SeaweedServer:
         """Adopt a server started earlier (e.g. by the CLI) from `<data_dir>/state.json`."""
         path = Path(data_dir).resolve() / STATE_FILE
         try:
-            state: dict[str, Any] = json.loads(path.read_text())
+            state: dict[str, Any] = read_json(path)
         except FileNotFoundError:
             raise StorageError(
                 f"no SeaweedFS state file at {path}; start one with "

@@ -31,18 +31,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_AUTH_CODES = frozenset(
-    {
-        "InvalidAccessKeyId",
-        "SignatureDoesNotMatch",
-        "InvalidToken",
-        "ExpiredToken",
-        "AuthorizationHeaderMalformed",
-        "InvalidSecurity",
-        "AccessDenied",
-        "AllAccessDisabled",
-    }
-)
+_AUTH_CODES = frozenset({"InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken",
+                         "AuthorizationHeaderMalformed", "InvalidSecurity", "AccessDenied", "AllAccessDisabled"})
 _MISSING_KEY_CODES = frozenset({"NoSuchKey", "404", "NotFound"})
 _CONDITION_CODES = frozenset({"PreconditionFailed", "412", "ConditionalRequestConflict", "409"})
 _CHUNK = 1024 * 1024  # 1 MiB reads when streaming downloads

@@ -14,7 +14,6 @@ the architecture's own preprocessing is a layer inside the model.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -27,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ml.errors import DataError, ModelVerificationError, StorageError
-from ml.io import sha256_file
+from ml.io import read_json, sha256_file
 from ml.registry.layout import pointer_key, version_key
 
 if TYPE_CHECKING:
@@ -127,7 +126,7 @@ class Predictor:
 # -- loading ---------------------------------------------------------------------------------------
 def _read_json(path: Path, what: str) -> Any:
     try:
-        return json.loads(path.read_text())
+        return read_json(path)
     except FileNotFoundError:
         raise ModelVerificationError(f"{what} {path} is missing") from None
     except ValueError as exc:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ml.errors import DataError, ModelVerificationError
-from ml.io import atomic_path
+from ml.io import atomic_path, read_json
 
 if TYPE_CHECKING:
     from ml.serving.predictor import Predictor
@@ -123,12 +123,11 @@ def _unlabelled_images(dataset_dir: Path) -> dict[str, Path]:
 
 def _find_sample(dataset_dir: Path) -> Path | None:
     """A sample_submission.csv kept with the dataset (its folder, or dataset.json extra.sample_submission)."""
-    import json
 
     candidates = [dataset_dir / SAMPLE_FILE]
     info_file = dataset_dir / "dataset.json"
     if info_file.is_file():
-        recorded = (json.loads(info_file.read_text()).get("extra") or {}).get("sample_submission")
+        recorded = (read_json(info_file).get("extra") or {}).get("sample_submission")
         if recorded:
             candidates.insert(0, dataset_dir / recorded)
     return next((p for p in candidates if p.is_file()), None)
