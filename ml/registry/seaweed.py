@@ -188,6 +188,12 @@ class SeaweedServer:
             "-master.telemetry=false",
             # Behave like AWS: a write to a missing bucket is an error, not a silent new bucket.
             "-s3.autoCreateBucket=false",
+            # Every bucket is a collection that grows several volumes of its own; the auto limit
+            # (free disk / 1 GiB, 75 seen here) ran out after ~10 buckets in one test session
+            # ("No writable volumes and no free volumes left"). Volume files are sparse and grow
+            # as written, so a high count costs nothing until data arrives.
+            "-volume.max=2000",
+            "-master.volumeSizeLimitMB=64",
         ]
 
     def start(

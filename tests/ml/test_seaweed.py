@@ -209,3 +209,16 @@ def test_cli_module_runs_as_its_own_program(tmp_path: Path) -> None:
                           cwd=REPO)
 
     assert done.returncode == 1 and done.stdout.startswith("not running:"), done.stderr
+
+
+def test_a_session_can_use_many_buckets(seaweed) -> None:
+    """Each bucket is a collection with volumes of its own: the auto limit ran out after ~75 (InternalError)."""
+    import uuid
+
+    from ml.registry.store import ObjectStore
+
+    for i in range(80):  # > 75, the auto limit on this machine's 76 GB free
+        store = ObjectStore(f"many-{i}-{uuid.uuid4().hex[:6]}", endpoint_url=seaweed.endpoint_url,
+                            access_key=seaweed.access_key, secret_key=seaweed.secret_key)
+        store.ensure_bucket()
+        store.put_bytes("k", b"x")
