@@ -199,6 +199,7 @@ def test_store_restarted_between_stages_next_stage_reconnects(own_seaweed, sampl
     its stored objects fails the run.
     """
     from ml import pipeline as P
+    from ml.registry.runs import run_key
 
     bucket = new_bucket_name()
     store = store_for(own_seaweed, bucket)  # one client for the whole run: it must reconnect by itself
@@ -223,8 +224,8 @@ def test_store_restarted_between_stages_next_stage_reconnects(own_seaweed, sampl
     assert result["promoted"] is True
     assert_pointer_verifiable(store)
     # Everything the run published before the restarts survived them.
-    assert store.exists(f"{P.run_prefix(first, 'run-r')}/scratch_tiny/train_summary.json")
-    assert json.loads(store.get_bytes(f"{P.run_prefix(first, 'run-r')}/gate.json"))["promote"] is True
+    assert store.exists(f"{run_key(first, 'run-r')}/scratch_tiny/train_summary.json")
+    assert json.loads(store.get_bytes(f"{run_key(first, 'run-r')}/gate.json"))["promote"] is True
 
 
 def test_store_down_between_stages_fails_clearly_and_retry_after_restart_works(own_seaweed, tmp_path):
