@@ -128,7 +128,7 @@ def validate(dataset: dict) -> dict:
     from ml.pipeline import validate_stage
 
     config = _config()
-    return validate_stage(dataset["dataset_dir"], config, _store(config), _run_id())
+    return validate_stage(dataset, config, _store(config), _run_id())
 
 
 @task.short_circuit
@@ -148,7 +148,7 @@ def prepare(dataset: dict) -> list[str]:
     from ml.pipeline import prepare_stage
 
     config = _config()
-    prepare_stage(dataset["dataset_dir"], config)
+    prepare_stage(dataset, config)
     return list(config.train.candidates)
 
 
@@ -159,7 +159,7 @@ def train(dataset: dict, candidate: str) -> dict:
 
     get_current_context()["candidate_label"] = candidate
     config = _config()
-    return train_stage(dataset["dataset_dir"], candidate, config, _store(config), _run_id())
+    return train_stage(dataset, candidate, config, _store(config), _run_id())
 
 
 @task
@@ -178,7 +178,7 @@ def finetune(dataset: dict, transfer_candidate: str) -> dict:
 
     get_current_context()["candidate_label"] = "finetune_" + transfer_candidate.removeprefix("transfer_")
     config = _config()
-    return finetune_stage(dataset["dataset_dir"], transfer_candidate, config, _store(config), _run_id())
+    return finetune_stage(dataset, transfer_candidate, config, _store(config), _run_id())
 
 
 # Skipped upstreams are fine (a fine-tune mapped over zero candidates is "skipped"); a failed
@@ -193,7 +193,7 @@ def evaluate(dataset: dict) -> dict:
     config = _config()
     store = _store(config)
     results = published_candidates(config, store, _run_id())
-    return evaluate_stage(dataset["dataset_dir"], results, config, store, _run_id())
+    return evaluate_stage(dataset, results, config, store, _run_id())
 
 
 @task(retries=1)
@@ -202,7 +202,7 @@ def gate(dataset: dict, evaluation: dict) -> dict:
     from ml.pipeline import gate_stage
 
     config = _config()
-    return gate_stage(dataset["dataset_dir"], evaluation, config, _store(config), _run_id())
+    return gate_stage(dataset, evaluation, config, _store(config), _run_id())
 
 
 @task

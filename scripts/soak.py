@@ -106,10 +106,10 @@ config = PipelineConfig.from_dict(args["config"])
 store = ObjectStore.from_config(config.storage)
 run_id = args["run_id"]
 dataset = P.ingest_stage(config, store)
-P.prepare_stage(dataset["dataset_dir"], config)
-results = [P.train_stage(dataset["dataset_dir"], c, config, store, run_id) for c in config.train.candidates]
-evaluation = P.evaluate_stage(dataset["dataset_dir"], results, config, store, run_id)
-decision = P.gate_stage(dataset["dataset_dir"], evaluation, config, store, run_id)
+P.prepare_stage(dataset, config)
+results = [P.train_stage(dataset, c, config, store, run_id) for c in config.train.candidates]
+evaluation = P.evaluate_stage(dataset, results, config, store, run_id)
+decision = P.gate_stage(dataset, evaluation, config, store, run_id)
 pathlib.Path(sys.argv[1] + ".ready").write_text(json.dumps({"promote": decision["promote"]}))
 while not pathlib.Path(sys.argv[2]).exists():
     time.sleep(0.01)

@@ -96,7 +96,7 @@ def gated_run(own_seaweed, sample_source, tmp_path):
     from ml import pipeline as P
 
     dataset = P.ingest_stage(config, store)
-    P.train_stage(dataset["dataset_dir"], "scratch_tiny", config, store, seed_run)
+    P.train_stage(dataset, "scratch_tiny", config, store, seed_run)
     seed_production(config, store, seed_run, "scratch_tiny", "v0-champion")
     run = run_to_gate(config, store, "run-1")
     assert run["decision"]["promote"] and run["decision"]["expected_etag"]
@@ -199,6 +199,7 @@ def test_store_restarted_between_stages_next_stage_reconnects(own_seaweed, sampl
     its stored objects fails the run.
     """
     from ml import pipeline as P
+    from ml.registry.runs import run_key
 
     bucket = new_bucket_name()
     store = store_for(own_seaweed, bucket)  # one client for the whole run: it must reconnect by itself
@@ -209,13 +210,13 @@ def test_store_restarted_between_stages_next_stage_reconnects(own_seaweed, sampl
 
     first = worker("w1")
     dataset = P.ingest_stage(first, store)
-    P.prepare_stage(dataset["dataset_dir"], first)
-    results = [P.train_stage(dataset["dataset_dir"], "scratch_tiny", first, store, "run-r")]
+    P.prepare_stage(dataset, first)
+    results = [P.train_stage(dataset, "scratch_tiny", first, store, "run-r")]
     own_seaweed.restart()  # graceful stop + start on the same ports
-    evaluation = P.evaluate_stage(dataset["dataset_dir"], results, worker("w2"), store, "run-r")
+    evaluation = P.evaluate_stage(dataset, results, worker("w2"), store, "run-r")
     kill_weed(own_seaweed)
     own_seaweed.restart()  # after a crash
-    decision = P.gate_stage(dataset["dataset_dir"], evaluation, worker("w3"), store, "run-r")
+    decision = P.gate_stage(dataset, evaluation, worker("w3"), store, "run-r")
     own_seaweed.restart()
     result = P.promote_stage(dataset, evaluation, decision, worker("w4"), store, "run-r")
 
@@ -223,8 +224,8 @@ def test_store_restarted_between_stages_next_stage_reconnects(own_seaweed, sampl
     assert result["promoted"] is True
     assert_pointer_verifiable(store)
     # Everything the run published before the restarts survived them.
-    assert store.exists(f"{P.run_prefix(first, 'run-r')}/scratch_tiny/train_summary.json")
-    assert json.loads(store.get_bytes(f"{P.run_prefix(first, 'run-r')}/gate.json"))["promote"] is True
+    assert store.exists(f"{run_key(first, 'run-r')}/scratch_tiny/train_summary.json")
+    assert json.loads(store.get_bytes(f"{run_key(first, 'run-r')}/gate.json"))["promote"] is True
 
 
 def test_store_down_between_stages_fails_clearly_and_retry_after_restart_works(own_seaweed, tmp_path):
