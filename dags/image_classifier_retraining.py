@@ -36,26 +36,25 @@ from ml.config import IMAGE_SIZE_RANGE, PRODUCTION_ASSET_NAME, PRODUCTION_ASSET_
 from ml.models.registry import candidate_names
 
 PRODUCTION_MODEL = Asset(name=PRODUCTION_ASSET_NAME, uri=PRODUCTION_ASSET_URI)
-# Cron or preset (default weekly); "none" for manual/API triggers only; "asset:<uri>" for
-# data-aware scheduling. An environment variable, not the YAML file: the scheduler parses this
-# file every few seconds and must not do I/O.
-SCHEDULE = os.environ.get("ML_RETRAIN_SCHEDULE", "@weekly").strip()
-SCHEDULE_ARG = None if SCHEDULE.lower() in ("", "none") else (
-    [Asset(SCHEDULE.removeprefix("asset:"))] if SCHEDULE.startswith("asset:") else SCHEDULE)
-
+# Cron or preset (default weekly); "none": triggers only; "asset:<uri>": data-aware. From the
+# environment, not the YAML file: the scheduler parses this file every few seconds (no I/O).
+_SPEC = os.environ.get("ML_RETRAIN_SCHEDULE", "@weekly").strip()
+SCHEDULE = None if _SPEC.lower() in ("", "none") else (
+    [Asset(_SPEC.removeprefix("asset:"))] if _SPEC.startswith("asset:") else _SPEC)
 # Deterministic failures: retrying cannot help, so fail at once (I/O errors still retry).
 NO_RETRY_ON_BAD_INPUT = ExceptionRetryPolicy(rules=[
-    RetryRule(exception=name, action=RetryAction.FAIL, reason="bad input or config: a retry cannot help")
-    for name in ("ml.errors.ConfigError", "ml.errors.DataError", "ml.errors.UnknownArchitectureError",
-                 "ml.errors.ModelVerificationError", "ml.errors.StorageAuthError")
-])
+    RetryRule(exception=f"ml.errors.{name}", action=RetryAction.FAIL, reason="bad input or config: a retry cannot help")
+    for name in ("ConfigError", "DataError", "UnknownArchitectureError", "ModelVerificationError", "StorageAuthError")])
 DEFAULT_ARGS: dict[str, Any] = {
     "owner": "mlops", "retries": 2, "retry_delay": timedelta(seconds=20), "retry_exponential_backoff": 2.0,
     "max_retry_delay": timedelta(minutes=10), "retry_policy": NO_RETRY_ON_BAD_INPUT,
-    "execution_timeout": timedelta(hours=1),
-}
+    "execution_timeout": timedelta(hours=1)}
+# Training tasks: the `training` pool and queue; with several executors (Airflow 3) the one named by
+# ML_TRAINING_EXECUTOR, e.g. KubernetesExecutor with the GPU pod template ML_TRAINING_POD_TEMPLATE.
+_POD_TEMPLATE = os.environ.get("ML_TRAINING_POD_TEMPLATE")
 TRAINING = dict(pool="training", queue="training", map_index_template="{{ candidate_label }}",
-                execution_timeout=timedelta(hours=6))
+                execution_timeout=timedelta(hours=6), executor=os.environ.get("ML_TRAINING_EXECUTOR") or None,
+                executor_config={"pod_template_file": _POD_TEMPLATE} if _POD_TEMPLATE else {})
 
 
 def _param(kind: str, title: str, description: str, **schema: Any) -> Param:
@@ -128,7 +127,7 @@ def validate(dataset: dict) -> dict:
     from ml.pipeline import validate_stage
 
     config = _config()
-    return validate_stage(dataset["dataset_dir"], config, _store(config), _run_id())
+    return validate_stage(dataset, config, _store(config), _run_id())
 
 
 @task.short_circuit
@@ -148,7 +147,7 @@ def prepare(dataset: dict) -> list[str]:
     from ml.pipeline import prepare_stage
 
     config = _config()
-    prepare_stage(dataset["dataset_dir"], config)
+    prepare_stage(dataset, config)
     return list(config.train.candidates)
 
 
@@ -159,7 +158,7 @@ def train(dataset: dict, candidate: str) -> dict:
 
     get_current_context()["candidate_label"] = candidate
     config = _config()
-    return train_stage(dataset["dataset_dir"], candidate, config, _store(config), _run_id())
+    return train_stage(dataset, candidate, config, _store(config), _run_id())
 
 
 @task
@@ -178,7 +177,7 @@ def finetune(dataset: dict, transfer_candidate: str) -> dict:
 
     get_current_context()["candidate_label"] = "finetune_" + transfer_candidate.removeprefix("transfer_")
     config = _config()
-    return finetune_stage(dataset["dataset_dir"], transfer_candidate, config, _store(config), _run_id())
+    return finetune_stage(dataset, transfer_candidate, config, _store(config), _run_id())
 
 
 # Skipped upstreams are fine (a fine-tune mapped over zero candidates is "skipped"); a failed
@@ -193,7 +192,7 @@ def evaluate(dataset: dict) -> dict:
     config = _config()
     store = _store(config)
     results = published_candidates(config, store, _run_id())
-    return evaluate_stage(dataset["dataset_dir"], results, config, store, _run_id())
+    return evaluate_stage(dataset, results, config, store, _run_id())
 
 
 @task(retries=1)
@@ -202,7 +201,7 @@ def gate(dataset: dict, evaluation: dict) -> dict:
     from ml.pipeline import gate_stage
 
     config = _config()
-    return gate_stage(dataset["dataset_dir"], evaluation, config, _store(config), _run_id())
+    return gate_stage(dataset, evaluation, config, _store(config), _run_id())
 
 
 @task
@@ -229,7 +228,7 @@ def announce(result: dict) -> None:
                                                                       "uri": result["uri"]}
 
 
-@dag(dag_id=Path(__file__).stem, doc_md=__doc__, schedule=SCHEDULE_ARG,
+@dag(dag_id=Path(__file__).stem, doc_md=__doc__, schedule=SCHEDULE,
      start_date=pendulum.datetime(2026, 1, 1, tz="UTC"), catchup=False, max_active_runs=1,
      default_args={**DEFAULT_ARGS, "on_failure_callback": _on_failure}, params=PARAMS, tags=["ml", "training"])
 def image_classifier_retraining():

@@ -37,6 +37,7 @@ def production_model_smoke_test():
         from _shared.connections import object_store
 
         from ml.config import PipelineConfig
+        from ml.data.snapshot import local_dataset
         from ml.registry.versions import read_pointer
         from ml.serving.predictor import load_production
         from ml.serving.smoke import smoke_test
@@ -45,8 +46,8 @@ def production_model_smoke_test():
         store = object_store(config)
         pointer, _ = read_pointer(store, config.storage.model_name)
         predictor = load_production(store, config.storage.model_name, cache_dir=config.work_dir / "models")
-        dataset_dir = config.work_dir / "datasets" / pointer["dataset_hash"]
-        return smoke_test(predictor, dataset_dir)
+        # This worker may never have seen the dataset: materialised from the store by its hash.
+        return smoke_test(predictor, local_dataset(config, store, pointer["dataset_hash"]))
 
     smoke()
 

@@ -184,17 +184,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     store.ensure_bucket()
     run_id = args.run_id or new_run_id()
     dataset = ingest_stage(config, store)
-    quality = validate_stage(dataset["dataset_dir"], config, store, run_id)
+    quality = validate_stage(dataset, config, store, run_id)
     verdict = should_train(dataset, config, store, run_id)
     if not verdict["train"]:
         print(f"skipped: {verdict['reason']}")
         return 0
-    prepare_stage(dataset["dataset_dir"], config)
-    results = [train_stage(dataset["dataset_dir"], c, config, store, run_id) for c in config.train.candidates]
-    results += [finetune_stage(dataset["dataset_dir"], c, config, store, run_id)
+    prepare_stage(dataset, config)
+    results = [train_stage(dataset, c, config, store, run_id) for c in config.train.candidates]
+    results += [finetune_stage(dataset, c, config, store, run_id)
                 for c in select_for_finetuning(results, config)]
-    evaluation = evaluate_stage(dataset["dataset_dir"], results, config, store, run_id)
-    decision = gate_stage(dataset["dataset_dir"], evaluation, config, store, run_id)
+    evaluation = evaluate_stage(dataset, results, config, store, run_id)
+    decision = gate_stage(dataset, evaluation, config, store, run_id)
     result = promote_stage(dataset, evaluation, decision, config, store, run_id, actor="cli", quality=quality)
     _print_json(result)
     return 0

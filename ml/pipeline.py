@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ml.config import PipelineConfig
+from ml.data.snapshot import DatasetRef, local_dataset, publish_snapshot
 from ml.errors import DataError
 from ml.io import fresh_dir, read_json, to_jsonable, write_json
 from ml.registry import layout
@@ -59,16 +60,20 @@ def ingest_stage(config: PipelineConfig, store: ObjectStore | None, *, source: s
     log.info("ingest: %s -> dataset %s: %d images ok, %d quarantined, %d classes (%.1f s)",
              src, summary["dataset_hash"][:12], summary.get("n_ok", 0), summary.get("n_quarantined", 0),
              len(summary.get("labels", [])), time.perf_counter() - started)
-    return small(summary)
+    if store is None:  # one process, no store: later stages find the folder by its path
+        return small(summary)
+    # Workers share nothing but the store: later tasks materialise the dataset by its hash.
+    snapshot = publish_snapshot(store, config.storage.model_name, Path(summary["dataset_dir"]))
+    return small({**{k: v for k, v in summary.items() if k != "dataset_dir"}, "dataset_uri": snapshot["uri"]})
 
 
-def validate_stage(dataset_dir: str | Path, config: PipelineConfig, store: ObjectStore | None,
+def validate_stage(dataset: DatasetRef, config: PipelineConfig, store: ObjectStore | None,
                    run_id: str) -> dict[str, Any]:
     """Run the data-quality suite; publish its JSON/HTML beside the run; raise on failures."""
     from ml.data.quality import validate_dataset
 
     out_dir = local_run_dir(config, run_id) / layout.QUALITY_DIR
-    report = validate_dataset(Path(dataset_dir), config.data, out_dir=out_dir)
+    report = validate_dataset(local_dataset(config, store, dataset), config.data, out_dir=out_dir)
     uris = upload_run_files(store, config, run_id, sorted(out_dir.glob("*")), folder=layout.QUALITY_DIR)
     for line in report.summary().splitlines():
         log.info("quality: %s", line)
@@ -91,7 +96,7 @@ def report_drift(dataset: Mapping[str, Any], pointer: Mapping[str, Any], config:
     except StorageError:
         log.info("drift: production version %s has no dataset profile to compare with", pointer["version"])
         return None
-    drift = compare_profiles(dataset_profile(dataset["dataset_dir"]), reference)
+    drift = compare_profiles(dataset_profile(local_dataset(config, store, dataset)), reference)
     for finding in drift["findings"] or ["no notable change from production's dataset"]:
         log.info("drift: %s", finding)
     write_json(local_run_dir(config, run_id) / layout.DRIFT_FILE, drift)
@@ -129,14 +134,14 @@ def should_train(dataset: Mapping[str, Any], config: PipelineConfig, store: Obje
 # --------------------------------------------------------------------------- training
 
 
-def prepare_stage(dataset_dir: str | Path, config: PipelineConfig) -> dict[str, Any]:
-    """Build the decoded-image cache the training tasks share; report split sizes."""
+def prepare_stage(dataset: DatasetRef, config: PipelineConfig, store: ObjectStore | None = None) -> dict[str, Any]:
+    """Build this worker's decoded-image cache (a training task on another worker rebuilds its own)."""
     import pandas as pd
 
     from ml.data.image_cache import build_image_cache
     from ml.data.splits import split_counts
 
-    dataset_dir = Path(dataset_dir)
+    dataset_dir = local_dataset(config, store, dataset)
     manifest = pd.read_parquet(dataset_dir / "manifest.parquet")
     started = time.perf_counter()
     cache = build_image_cache(dataset_dir, config.train.image_size, cache_root(config))
@@ -146,7 +151,7 @@ def prepare_stage(dataset_dir: str | Path, config: PipelineConfig) -> dict[str, 
     return {"splits": to_jsonable(counts), "image_size": config.train.image_size}
 
 
-def train_stage(dataset_dir: str | Path, candidate: str, config: PipelineConfig, store: ObjectStore | None,
+def train_stage(dataset: DatasetRef, candidate: str, config: PipelineConfig, store: ObjectStore | None,
                 run_id: str) -> dict[str, Any]:
     """Train one candidate and publish its folder; reuse a previous attempt's published result."""
     from ml.training.fit import train_candidate
@@ -156,9 +161,10 @@ def train_stage(dataset_dir: str | Path, candidate: str, config: PipelineConfig,
     if published is not None:
         log.info("train %s: already published by an earlier attempt, reusing it", candidate)
         return published
+    dataset_dir = local_dataset(config, store, dataset)
     out_dir = fresh_dir(local_run_dir(config, run_id) / candidate)
-    summary = train_candidate(Path(dataset_dir), candidate, out_dir, config.train,
-                              cache_root=cache_root(config), store=store)
+    summary = train_candidate(dataset_dir, candidate, out_dir, config.train, cache_root=cache_root(config),
+                              store=store)
     return publish_candidate(store, config, run_id, candidate, out_dir, summary)
 
 
@@ -171,7 +177,7 @@ def select_for_finetuning(results: Sequence[Mapping[str, Any]], config: Pipeline
     return chosen
 
 
-def finetune_stage(dataset_dir: str | Path, transfer_candidate: str, config: PipelineConfig,
+def finetune_stage(dataset: DatasetRef, transfer_candidate: str, config: PipelineConfig,
                    store: ObjectStore | None, run_id: str) -> dict[str, Any]:
     """Fine-tune a trained transfer candidate (unfreeze from its boundary layer) and publish it."""
     from ml.training.finetune import finetune_candidate
@@ -182,17 +188,17 @@ def finetune_stage(dataset_dir: str | Path, transfer_candidate: str, config: Pip
     if published is not None:
         log.info("finetune %s: already published by an earlier attempt, reusing it", candidate)
         return published
+    dataset_dir = local_dataset(config, store, dataset)
     transfer_dir = ensure_candidate_local(store, config, run_id, transfer_candidate)
     out_dir = fresh_dir(local_run_dir(config, run_id) / candidate)
-    summary = finetune_candidate(Path(dataset_dir), transfer_dir, out_dir, config.train,
-                                 cache_root=cache_root(config))
+    summary = finetune_candidate(dataset_dir, transfer_dir, out_dir, config.train, cache_root=cache_root(config))
     return publish_candidate(store, config, run_id, candidate, out_dir, summary)
 
 
 # --------------------------------------------------------------------------- evaluation
 
 
-def evaluate_stage(dataset_dir: str | Path, results: Sequence[Mapping[str, Any] | None], config: PipelineConfig,
+def evaluate_stage(dataset: DatasetRef, results: Sequence[Mapping[str, Any] | None], config: PipelineConfig,
                    store: ObjectStore | None, run_id: str) -> dict[str, Any]:
     """Score every candidate and the production model on the test split; publish the leaderboard."""
     from ml.evaluation.leaderboard import (
@@ -204,7 +210,7 @@ def evaluate_stage(dataset_dir: str | Path, results: Sequence[Mapping[str, Any] 
     )
     from ml.evaluation.scoring import cost_fields, evaluate_candidate, score_fields
 
-    dataset_dir = Path(dataset_dir)
+    dataset_dir = local_dataset(config, store, dataset)
     entries = []
     for result in filter(None, results):
         metrics = evaluate_candidate(dataset_dir, result["candidate"], config, store, run_id)
@@ -246,7 +252,7 @@ def evaluate_production(dataset_dir: Path, config: PipelineConfig, store: Object
 # --------------------------------------------------------------------------- gate and promotion
 
 
-def gate_stage(dataset_dir: str | Path, evaluation: Mapping[str, Any], config: PipelineConfig,
+def gate_stage(dataset: DatasetRef, evaluation: Mapping[str, Any], config: PipelineConfig,
                store: ObjectStore | None, run_id: str) -> dict[str, Any]:
     """Compare the best challenger with production on the same test images; explain the decision."""
     from ml.registry.versions import read_pointer
@@ -254,7 +260,7 @@ def gate_stage(dataset_dir: str | Path, evaluation: Mapping[str, Any], config: P
     if store is None:
         raise DataError("the gate needs the object store (the production pointer lives there)")
     pointer, etag = read_pointer(store, config.storage.model_name)
-    decision = decide(Path(dataset_dir), evaluation["best"], pointer, config, store, run_id)
+    decision = decide(local_dataset(config, store, dataset), evaluation["best"], pointer, config, store, run_id)
     decision.update({"champion_version": pointer["version"] if pointer else None, "expected_etag": etag})
     log.info("gate: %s %s", "PROMOTE" if decision["promote"] else "KEEP PRODUCTION", evaluation["best"])
     for reason in decision["reasons"]:
@@ -304,9 +310,10 @@ def promote_stage(dataset: Mapping[str, Any], evaluation: Mapping[str, Any], dec
     model_name = config.storage.model_name
     if decision["promote"]:
         version, published = claim_version(store, model_name, run_id, decision["challenger"])
+        dataset_dir = local_dataset(config, store, dataset)
         if published is None:
-            publish_challenger(version, dataset, evaluation, decision, config, store, run_id, quality=quality)
-        dataset_dir = Path(dataset["dataset_dir"])
+            publish_challenger(version, dataset, dataset_dir, evaluation, decision, config, store, run_id,
+                               quality=quality)
 
         def regate(current: Mapping[str, Any]) -> dict[str, Any]:
             return decide(dataset_dir, decision["challenger"], current, config, store, run_id)

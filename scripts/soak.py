@@ -20,7 +20,10 @@ through the metadata DB. A seeded RNG picks each run's faults:
                        `ModelClient` must keep serving the model it had, a fresh load must refuse it;
                        then the bytes are repaired;
 - ``double_trigger``   a second run is triggered right behind the first (two people pressing Trigger):
-                       `max_active_runs=1` must queue it until the first ends, and both must succeed.
+                       `max_active_runs=1` must queue it until the first ends, and both must succeed;
+- ``wiped_work_dir``   delete the whole ML_WORK_DIR (datasets, caches, run folders) right after a random
+                       task succeeded, as if the next task ran on a fresh worker: it must get everything it
+                       needs from the store by hash and the run go on.
 
 After every run: the DAG run succeeded; production.json names a COMPLETE version whose files
 match their sha256; every pointer move in the promotion log has its run's gate.json saying
@@ -65,9 +68,12 @@ from scripts.airflow_stack import AirflowStack, TaskState, free_port  # noqa: E4
 
 MODEL = "image-classifier"
 BUCKET = "soak"
-FAULTS = ("store_restart", "train_kill", "cache_corruption", "rival_promoter", "tampered_model", "double_trigger")
+FAULTS = ("store_restart", "train_kill", "cache_corruption", "rival_promoter", "tampered_model", "double_trigger",
+          "wiped_work_dir")
 FAULT_PROBABILITY = {"store_restart": 0.4, "train_kill": 0.3, "cache_corruption": 0.3, "rival_promoter": 0.3,
-                     "tampered_model": 0.4, "double_trigger": 0.2}
+                     "tampered_model": 0.4, "double_trigger": 0.2, "wiped_work_dir": 0.3}
+# The work dir is wiped right after one of these (a task that runs alone): the next task starts from nothing.
+WIPE_AFTER = ("data.ingest", "data.validate", "training.prepare", "release.evaluate", "release.gate")
 # The store is restarted right after one of these succeeded: the next task meets a fresh store.
 RESTART_AFTER = ("data.ingest", "data.validate", "data.should_train", "training.prepare", "training.train[0]",
                  "release.evaluate", "release.gate")
@@ -106,10 +112,10 @@ config = PipelineConfig.from_dict(args["config"])
 store = ObjectStore.from_config(config.storage)
 run_id = args["run_id"]
 dataset = P.ingest_stage(config, store)
-P.prepare_stage(dataset["dataset_dir"], config)
-results = [P.train_stage(dataset["dataset_dir"], c, config, store, run_id) for c in config.train.candidates]
-evaluation = P.evaluate_stage(dataset["dataset_dir"], results, config, store, run_id)
-decision = P.gate_stage(dataset["dataset_dir"], evaluation, config, store, run_id)
+P.prepare_stage(dataset, config)
+results = [P.train_stage(dataset, c, config, store, run_id) for c in config.train.candidates]
+evaluation = P.evaluate_stage(dataset, results, config, store, run_id)
+decision = P.gate_stage(dataset, evaluation, config, store, run_id)
 pathlib.Path(sys.argv[1] + ".ready").write_text(json.dumps({"promote": decision["promote"]}))
 while not pathlib.Path(sys.argv[2]).exists():
     time.sleep(0.01)
@@ -287,6 +293,7 @@ class Soak:
         faults = [f for f in FAULTS if self.rng.random() < FAULT_PROBABILITY[f]]
         epochs = KILL_EPOCHS if "train_kill" in faults else self.rng.choice(EPOCHS)
         restart_after = self.rng.choice(RESTART_AFTER)
+        wipe_after = self.rng.choice(WIPE_AFTER)
         run_id = f"soak__{index:03d}_{uuid.uuid4().hex[:4]}"
         cand_dir = self.stack.work_dir / "runs" / run_segment(run_id) / "scratch_tiny"
         started = datetime.now(UTC)
@@ -311,7 +318,7 @@ class Soak:
         twin = self.stack.trigger({**conf, "epochs": self.rng.choice(EPOCHS)}, run_id + "_twin") \
             if "double_trigger" in faults else None
 
-        pending = {f for f in faults if f in ("store_restart", "train_kill", "rival_promoter")}
+        pending = {f for f in faults if f in ("store_restart", "train_kill", "rival_promoter", "wiped_work_dir")}
         if rival is None:
             pending.discard("rival_promoter")
         state = "timed out"
@@ -323,6 +330,11 @@ class Soak:
                 pending.discard("store_restart")
                 injected.append("store_restart")
                 log.info("  fault: store SIGKILLed and restarted after %s", restart_after)
+            if "wiped_work_dir" in pending and getattr(tasks.get(wipe_after), "state", None) == "success":
+                shutil.rmtree(self.stack.work_dir, ignore_errors=True)
+                pending.discard("wiped_work_dir")
+                injected.append("wiped_work_dir")
+                log.info("  fault: wiped the work dir %s after %s", self.stack.work_dir, wipe_after)
             if "train_kill" in pending and TRAIN_TASK in tasks:
                 task = tasks[TRAIN_TASK]
                 if task.try_number > 1 or task.state in ("success", "failed"):
@@ -354,7 +366,8 @@ class Soak:
         if twin is not None:
             self.check_twin(run_id, twin)
             injected.append("double_trigger")
-        if "cache_corruption" in injected:
+        # A work dir wiped before `prepare` took the corrupted cache with it: nothing left to detect.
+        if "cache_corruption" in injected and not ("wiped_work_dir" in injected and wipe_after.startswith("data.")):
             self.check_cache_rebuilt(run_id)
         if state != "success":
             failed = [f"{t.label} ({t.state}, try {t.try_number})" for t in self.stack.tasks(run_id)

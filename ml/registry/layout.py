@@ -160,6 +160,12 @@ COMPLETE_MARKER = "COMPLETE"
 LOG_TIME_FORMAT = "%Y%m%dT%H%M%S.%fZ"
 
 
+# A dataset snapshot (content-addressed by its dataset hash): packs of images, the manifest, the
+# dataset description, the pack index; COMPLETE written last.
+SNAPSHOT_INDEX = "snapshot.json"
+_HASH_RE = re.compile(r"^[0-9a-f]{64}$")
+
+
 # -- keys -------------------------------------------------------------------------------------------
 
 
@@ -216,6 +222,23 @@ def artifact_key(model_name: str, path: str) -> str:
         check_version(parts[1])
     check_relative_path("/".join(parts[2:]), "artifact path")
     return model_root(model_name) + path
+
+
+def check_dataset_hash(value: object) -> str:
+    """A dataset hash (64 lower-case hex digits) as read from XCom, a pointer or a listing."""
+    if not isinstance(value, str) or not _HASH_RE.match(value):
+        raise UnsafeNameError(f"invalid dataset hash {_shown(value)}: expected 64 lower-case hex digits")
+    return value
+
+
+def dataset_prefix(model_name: str, dataset_hash: str) -> str:
+    """``<model>/datasets/<dataset hash>/``: a dataset snapshot, shared by every run that uses the data."""
+    return f"{model_root(model_name)}datasets/{check_dataset_hash(dataset_hash)}/"
+
+
+def dataset_key(model_name: str, dataset_hash: str, name: str) -> str:
+    """One object of a dataset snapshot (a pack, the manifest, the index, COMPLETE)."""
+    return dataset_prefix(model_name, dataset_hash) + check_name(name, "snapshot file name")
 
 
 def versions_root(model_name: str) -> str:

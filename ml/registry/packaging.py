@@ -57,7 +57,7 @@ def lineage(version: str, candidate: str, run_id: str, dataset: Mapping[str, Any
     }
 
 
-def publish_challenger(version: str, dataset: Mapping[str, Any], evaluation: Mapping[str, Any],
+def publish_challenger(version: str, dataset: Mapping[str, Any], dataset_dir: Path, evaluation: Mapping[str, Any],
                        decision: Mapping[str, Any], config: PipelineConfig, store: ObjectStore, run_id: str, *,
                        quality: Mapping[str, Any] | None) -> dict[str, Any]:
     """Build the version folder of the gate's challenger and publish it (COMPLETE last).
@@ -88,13 +88,13 @@ def publish_challenger(version: str, dataset: Mapping[str, Any], evaluation: Map
                              images=images)
     write_atomic(stage / "model_card.html", card)
     # The next run measures drift against this (see ml.pipeline.should_train).
-    write_json(stage / "dataset_profile.json", dataset_profile(dataset["dataset_dir"]))
+    write_json(stage / "dataset_profile.json", dataset_profile(dataset_dir))
     files = {name: cand_dir / name for name in ("model.keras", "labels.json", "preprocessing.json")}
     files.update({name: stage / name for name in ("metrics.json", "lineage.json", "model_card.html",
                                                   "dataset_profile.json")})
     # Serving exports ship only once they agree with model.keras on golden test images.
     image_size = int(read_json(cand_dir / "preprocessing.json")["image_size"])
-    golden = golden_images(dataset["dataset_dir"], image_size, cache_root(config))
+    golden = golden_images(dataset_dir, image_size, cache_root(config))
     exports = build_exports(cand_dir / "model.keras", stage / "exports", golden_images=golden)
     checked = verify_exports(exports, model_path=cand_dir / "model.keras")["checked"]
     files.update(exports)

@@ -178,15 +178,8 @@ class ObjectStore:
         return bucket, key
 
     # -- error translation ------------------------------------------------------------------------
-    def _fail(
-        self,
-        exc: Exception,
-        op: str,
-        key: str | None = None,
-        *,
-        if_match: str | None = None,
-        if_none_match: bool = False,
-    ) -> NoReturn:
+    def _fail(self, exc: Exception, op: str, key: str | None = None, *,
+              if_match: str | None = None, if_none_match: bool = False) -> NoReturn:
         """Raise the ml.errors exception for a botocore failure (messages carry no secrets)."""
         from botocore.exceptions import (
             ClientError,
@@ -227,12 +220,8 @@ class ObjectStore:
                     f"credentials for {self.endpoint_name} were rejected ({code or status}) during {op} "
                     f"{where}; check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or the Airflow connection"
                 ) from None
-            raise StorageError(
-                f"{op} {where} on {self.endpoint_name} failed: {code or status} {message}"
-            ) from None
-        if isinstance(
-            exc, (EndpointConnectionError, ConnectTimeoutError, ConnectionClosedError, ReadTimeoutError)
-        ):
+            raise StorageError(f"{op} {where} on {self.endpoint_name} failed: {code or status} {message}") from None
+        if isinstance(exc, (EndpointConnectionError, ConnectTimeoutError, ConnectionClosedError, ReadTimeoutError)):
             raise StorageError(
                 f"cannot reach object store endpoint {self.endpoint_name} ({op} {where}): "
                 f"{type(exc).__name__}"
@@ -242,9 +231,7 @@ class ObjectStore:
                 f"no usable credentials for {self.endpoint_name} ({op} {where}); set "
                 "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
             ) from None
-        raise StorageError(
-            f"{op} {where} on {self.endpoint_name} failed: {type(exc).__name__}: {exc}"
-        ) from None
+        raise StorageError(f"{op} {where} on {self.endpoint_name} failed: {type(exc).__name__}: {exc}") from None
 
     @staticmethod
     def _boto_errors() -> tuple[type[Exception], ...]:
@@ -281,24 +268,14 @@ class ObjectStore:
             self._client.create_bucket(**kwargs)
             log.info("created bucket %s on %s", self.bucket, self.endpoint_name)
         except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") not in (
-                "BucketAlreadyOwnedByYou",
-                "BucketAlreadyExists",
-            ):
+            if exc.response.get("Error", {}).get("Code") not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
                 self._fail(exc, "create bucket")
         except self._boto_errors() as exc:
             self._fail(exc, "create bucket")
 
     # -- writes ----------------------------------------------------------------------------------
-    def put_bytes(
-        self,
-        key: str,
-        data: bytes,
-        *,
-        if_none_match: bool = False,
-        if_match: str | None = None,
-        content_type: str | None = None,
-    ) -> str:
+    def put_bytes(self, key: str, data: bytes, *,
+                  if_none_match: bool = False, if_match: str | None = None, content_type: str | None = None) -> str:
         """Write `data` to `key` and return the new ETag.
 
         Args:
@@ -308,20 +285,11 @@ class ObjectStore:
         """
         return self._put(key, data, if_none_match=if_none_match, if_match=if_match, content_type=content_type)
 
-    def put_file(
-        self,
-        key: str,
-        path: str | Path,
-        *,
-        if_none_match: bool = False,
-        if_match: str | None = None,
-        content_type: str | None = None,
-    ) -> str:
+    def put_file(self, key: str, path: str | Path, *,
+                 if_none_match: bool = False, if_match: str | None = None, content_type: str | None = None) -> str:
         """Upload a local file in one PUT (so the conditions apply to it); returns the ETag."""
         with Path(path).open("rb") as fh:
-            return self._put(
-                key, fh, if_none_match=if_none_match, if_match=if_match, content_type=content_type
-            )
+            return self._put(key, fh, if_none_match=if_none_match, if_match=if_match, content_type=content_type)
 
     def put_json(
         self,
@@ -336,9 +304,7 @@ class ObjectStore:
         data = json.dumps(obj, indent=2, sort_keys=True, default=str).encode()
         return self._put(key, data, if_none_match=if_none_match, if_match=if_match, content_type=content_type)
 
-    def _put(
-        self, key: str, body: Any, *, if_none_match: bool, if_match: str | None, content_type: str | None
-    ) -> str:
+    def _put(self, key: str, body: Any, *, if_none_match: bool, if_match: str | None, content_type: str | None) -> str:
         if if_none_match and if_match is not None:
             raise StorageError(f"put {self.uri(key)}: give if_none_match or if_match, not both")
         kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": key, "Body": body}
@@ -354,6 +320,22 @@ class ObjectStore:
             self._fail(exc, "put", key, if_match=if_match, if_none_match=if_none_match)
         log.debug("put %s (etag %s)", self.uri(key), response.get("ETag"))
         return str(response["ETag"])
+
+    def put_file_once(self, key: str, path: str | Path) -> None:
+        """Write-once upload (If-None-Match); an identical object left by an interrupted earlier attempt
+        is accepted, so a retried publish resumes. Other content under the key: ObjectExistsError."""
+        from ml.io import file_digest
+
+        try:
+            self.put_file(key, path, if_none_match=True)
+        except ObjectExistsError:
+            head = self.head(key)
+            # A single-part PUT's ETag is the MD5 of the bytes: same ETag, same content.
+            if head is None or head["etag"].strip('"') != file_digest(path, "md5"):
+                raise ObjectExistsError(
+                    f"{self.uri(key)} already exists with different content; it is write-once"
+                ) from None
+            log.info("%s already holds identical content (resumed publish)", self.uri(key))
 
     def upload_dir(self, local_dir: str | Path, prefix: str, *, if_none_match: bool = False) -> list[str]:
         """Upload every file under `local_dir` to `<prefix>/<relative path>`; returns the keys."""
@@ -423,9 +405,7 @@ class ObjectStore:
         """
         paginator = self._client.get_paginator("list_objects_v2")
         try:
-            for page in paginator.paginate(
-                Bucket=self.bucket, Prefix=prefix, PaginationConfig={"PageSize": page_size}
-            ):
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix, PaginationConfig={"PageSize": page_size}):
                 for item in page.get("Contents", []):
                     yield {"key": item["Key"], "size": int(item.get("Size", 0)),
                            "last_modified": item.get("LastModified"), "etag": str(item.get("ETag", ""))}

@@ -85,22 +85,6 @@ def _utc_now() -> datetime:
 
 
 # -- versions ------------------------------------------------------------------------------------
-def _put_once(store: ObjectStore, key: str, path: Path) -> None:
-    """Write-once upload; an identical object left by an interrupted earlier attempt is accepted."""
-    try:
-        store.put_file(key, path, if_none_match=True)
-    except ObjectExistsError:
-        head = store.head(key)
-        # A single-part PUT's ETag is the MD5 of the bytes: same ETag, same content, so a retried
-        # publish of the same files may resume. Anything else is a real immutability violation.
-        if head is None or head["etag"].strip('"') != file_digest(path, "md5"):
-            raise ObjectExistsError(
-                f"{store.uri(key)} already exists with different content; versions are "
-                "immutable, publish under a new version id"
-            ) from None
-        log.info("%s already holds identical content (resumed publish)", store.uri(key))
-
-
 def publish_version(
     store: ObjectStore, model_name: str, version: str, files: dict[str, Path], metadata: dict[str, Any]
 ) -> dict[str, Any]:
@@ -142,7 +126,7 @@ def publish_version(
     entries: dict[str, dict[str, Any]] = {}
     for name in sorted(files):
         path = Path(files[name])
-        _put_once(store, _key(model_name, version, name), path)
+        store.put_file_once(_key(model_name, version, name), path)
         entries[name] = {"sha256": sha256_file(path), "size": path.stat().st_size}
     info: dict[str, Any] = {
         "model_name": model_name,

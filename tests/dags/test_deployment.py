@@ -167,3 +167,13 @@ def test_dockerfile_builds_from_requirements_with_gpu_switch():
 def _command(service: dict) -> str:
     command = service["command"]
     return command if isinstance(command, str) else " ".join(command)
+
+
+def test_workers_share_no_data_volume(resolved):
+    """Workers may run on different hosts: datasets and caches are never on a shared volume."""
+    for name, service in resolved["services"].items():
+        if not name.startswith("airflow-"):
+            continue
+        for volume in service.get("volumes", []):
+            target = volume["target"] if isinstance(volume, dict) else volume.split(":")[1]
+            assert target == "/opt/airflow/logs", (name, volume)  # logs only (remote logging on many hosts)

@@ -49,6 +49,11 @@ def test_first_run_promotes_then_worse_challenger_keeps_production(pipeline_env,
     report = store.get_json(f"{MODEL}/runs/{_safe(first.run_id)}/report.json")
     names = {row["candidate"] for row in report["leaderboard"]}
     assert {"scratch_small", "transfer_mobilenet_v2", "finetune_mobilenet_v2"} <= names
+    # Tasks hand each other hashes, URIs and small dicts: nothing in XCom points at a worker's disk.
+    xcom = _xcom_values(first.run_id)
+    assert "data.ingest" in xcom and json.loads(xcom["data.ingest"])["dataset_uri"].startswith("s3://")
+    for task, value in xcom.items():
+        assert str(pipeline_env["work"]) not in value and "dataset_dir" not in value, (task, value[:300])
 
     # The promoted model loads through ml.serving and beats chance on the held-out split.
     from ml.serving.predictor import load_production
@@ -88,6 +93,17 @@ def test_same_data_again_skips_training(pipeline_env, sample):
     assert states["data.should_train"] == "success"
     assert states["training.train"] == "skipped"
     assert store.get_with_etag(f"{MODEL}/production.json") == before
+
+
+def _xcom_values(run_id: str) -> dict[str, str]:
+    """Every XCom value of a run as JSON text, by task (and map index)."""
+    from airflow.models.xcom import XComModel
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        rows = session.query(XComModel).filter(XComModel.dag_id == DAG_ID, XComModel.run_id == run_id).all()
+        return {r.task_id + (f"[{r.map_index}]" if r.map_index >= 0 else ""): json.dumps(r.value, default=str)
+                for r in rows}
 
 
 def _safe(run_id: str) -> str:

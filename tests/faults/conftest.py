@@ -131,12 +131,12 @@ def run_to_gate(config: Any, store: Any, run_id: str, *, validate: bool = False)
     from ml import pipeline as P
 
     dataset = P.ingest_stage(config, store)
-    quality = P.validate_stage(dataset["dataset_dir"], config, store, run_id) if validate else None
-    P.prepare_stage(dataset["dataset_dir"], config)
-    results = [P.train_stage(dataset["dataset_dir"], c, config, store, run_id)
+    quality = P.validate_stage(dataset, config, store, run_id) if validate else None
+    P.prepare_stage(dataset, config)
+    results = [P.train_stage(dataset, c, config, store, run_id)
                for c in config.train.candidates]
-    evaluation = P.evaluate_stage(dataset["dataset_dir"], results, config, store, run_id)
-    decision = P.gate_stage(dataset["dataset_dir"], evaluation, config, store, run_id)
+    evaluation = P.evaluate_stage(dataset, results, config, store, run_id)
+    decision = P.gate_stage(dataset, evaluation, config, store, run_id)
     return {"dataset": dataset, "quality": quality, "evaluation": evaluation, "decision": decision,
             "results": results}
 

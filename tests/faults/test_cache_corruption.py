@@ -40,10 +40,11 @@ def env(module_seaweed, sample_source, tmp_path_factory):
     store = store_for(module_seaweed, bucket)
     work = tmp_path_factory.mktemp("work")
     config = tiny_config(work, bucket, module_seaweed.endpoint_url, source=sample_source)
+    from ml.data.snapshot import local_dataset
     from ml.pipeline import ingest_stage
 
     dataset = ingest_stage(config, store)
-    return {"config": config, "store": store, "dataset_dir": dataset["dataset_dir"], "work": work}
+    return {"config": config, "store": store, "dataset_dir": str(local_dataset(config, store, dataset)), "work": work}
 
 
 @pytest.mark.parametrize("damage", ["truncate", "bitflip"])

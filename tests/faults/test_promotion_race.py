@@ -57,7 +57,7 @@ def test_two_processes_promote_at_once_exactly_one_wins_and_loser_regates(own_se
     from ml import pipeline as P
 
     dataset = P.ingest_stage(config, store)
-    P.train_stage(dataset["dataset_dir"], "scratch_tiny", config, store, "seed-run")
+    P.train_stage(dataset, "scratch_tiny", config, store, "seed-run")
     seed_production(config, store, "seed-run", "scratch_tiny", "v0-champion")
     runs = {run_id: run_to_gate(config, store, run_id) for run_id in ("run-a", "run-b")}
     etags = {run["decision"]["expected_etag"] for run in runs.values()}

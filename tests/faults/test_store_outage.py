@@ -96,7 +96,7 @@ def gated_run(own_seaweed, sample_source, tmp_path):
     from ml import pipeline as P
 
     dataset = P.ingest_stage(config, store)
-    P.train_stage(dataset["dataset_dir"], "scratch_tiny", config, store, seed_run)
+    P.train_stage(dataset, "scratch_tiny", config, store, seed_run)
     seed_production(config, store, seed_run, "scratch_tiny", "v0-champion")
     run = run_to_gate(config, store, "run-1")
     assert run["decision"]["promote"] and run["decision"]["expected_etag"]
@@ -210,13 +210,13 @@ def test_store_restarted_between_stages_next_stage_reconnects(own_seaweed, sampl
 
     first = worker("w1")
     dataset = P.ingest_stage(first, store)
-    P.prepare_stage(dataset["dataset_dir"], first)
-    results = [P.train_stage(dataset["dataset_dir"], "scratch_tiny", first, store, "run-r")]
+    P.prepare_stage(dataset, first)
+    results = [P.train_stage(dataset, "scratch_tiny", first, store, "run-r")]
     own_seaweed.restart()  # graceful stop + start on the same ports
-    evaluation = P.evaluate_stage(dataset["dataset_dir"], results, worker("w2"), store, "run-r")
+    evaluation = P.evaluate_stage(dataset, results, worker("w2"), store, "run-r")
     kill_weed(own_seaweed)
     own_seaweed.restart()  # after a crash
-    decision = P.gate_stage(dataset["dataset_dir"], evaluation, worker("w3"), store, "run-r")
+    decision = P.gate_stage(dataset, evaluation, worker("w3"), store, "run-r")
     own_seaweed.restart()
     result = P.promote_stage(dataset, evaluation, decision, worker("w4"), store, "run-r")
 

@@ -73,11 +73,13 @@ def test_training_killed_mid_epoch_leaves_nothing_complete_and_retry_publishes(o
     # Many epochs and no early stopping: the kill lands while training is still going.
     config = tiny_config(tmp_path / "work", bucket, own_seaweed.endpoint_url, source=sample_source,
                          train={"epochs": EPOCHS, "early_stopping_patience": 1000})
+    from ml.data.snapshot import local_dataset
+
     dataset = ingest_stage(config, store)
-    prepare_stage(dataset["dataset_dir"], config)
+    prepare_stage(dataset, config)
     env = subprocess_env(AWS_ACCESS_KEY_ID=own_seaweed.access_key,
                          AWS_SECRET_ACCESS_KEY=own_seaweed.secret_key)
-    argv = [PYTHON, "-c", TRAIN, json.dumps(config.to_dict()), dataset["dataset_dir"]]
+    argv = [PYTHON, "-c", TRAIN, json.dumps(config.to_dict()), str(local_dataset(config, store, dataset))]
     cand_dir = local_run_dir(config, "run-kill") / "scratch_tiny"
     prefix = f"{run_key(config, 'run-kill')}/scratch_tiny/"
 

@@ -29,6 +29,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from ml.registry import layout
 from tests.services.airflow_cluster import (
     AIRFLOW,
     REPO,
@@ -107,6 +108,7 @@ class RunRecord:
     end: datetime
     client_seconds: float  # trigger request -> final state seen
     tasks: list[TaskRecord] = field(default_factory=list)
+    xcom: dict[str, str] = field(default_factory=dict)  # "task_id[map_index]" -> the value as JSON text
 
     @property
     def seconds(self) -> float:
@@ -202,19 +204,25 @@ def _wait_workers_ready(cluster: AirflowCluster, names: list[str]) -> None:
                      STARTUP_TIMEOUT_S, watch=names)
 
 
-def _start_celery_services(cluster: AirflowCluster, services: dict) -> list[str]:
-    """Every long-running compose service: api-server, scheduler, dag-processor, triggerer, workers."""
+def _start_celery_services(cluster: AirflowCluster, services: dict, work_root: Path) -> list[str]:
+    """Every long-running compose service: api-server, scheduler, dag-processor, triggerer, workers.
+
+    Each gets its own ML_WORK_DIR, as separate hosts or containers would: they share nothing but
+    the object store and the metadata DB.
+    """
     for name, compose_name in (("api-server", "airflow-apiserver"), ("scheduler", "airflow-scheduler"),
                                ("dag-processor", "airflow-dag-processor"), ("triggerer", "airflow-triggerer")):
         cluster.start(name, service_command(services[compose_name], COMPOSE_VARIABLES),
-                      env={"AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port())})
+                      env={"AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port()),
+                           "ML_WORK_DIR": str(work_root / name)})
     workers = []
     for compose_name, replicas in (("airflow-worker", 1), ("airflow-worker-training", TRAINING_REPLICAS)):
         for i in range(1, replicas + 1):
             name = f"{compose_name}-{i}"
             # One host: celery node names must differ (containers differ by hostname).
             argv = [*service_command(services[compose_name], COMPOSE_VARIABLES), "--celery-hostname", f"{name}@%h"]
-            cluster.start(name, argv, env={"AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port())})
+            cluster.start(name, argv, env={"AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port()),
+                                           "ML_WORK_DIR": str(work_root / name)})
             workers.append(name)
     return workers
 
@@ -264,7 +272,9 @@ def _run_dag(cluster: AirflowCluster, db, base_url: str, token: str, executor: s
     rows = db.query("SELECT task_id, map_index, state, start_date, end_date, hostname, queue FROM task_instance "
                     "WHERE dag_id=%s AND run_id=%s", (DAG_ID, run_id))
     tasks = [TaskRecord(*row, service=placements.get((row[0], row[1]))) for row in rows]
-    return RunRecord(executor, run_id, state, start, end, client_seconds, tasks)
+    xcom = {f"{task_id}[{map_index}]": json.dumps(value, default=str) for task_id, map_index, value in db.query(
+        "SELECT task_id, map_index, value FROM xcom WHERE dag_id=%s AND run_id=%s", (DAG_ID, run_id))}
+    return RunRecord(executor, run_id, state, start, end, client_seconds, tasks, xcom)
 
 
 @pytest.fixture(scope="module")
@@ -316,7 +326,7 @@ def runs(scratch_redis, scratch_postgres, seaweed, sample, tmp_path_factory) -> 
         timings["init_s"] = time.monotonic() - t0
 
         t0 = time.monotonic()
-        workers = _start_celery_services(cluster, services)
+        workers = _start_celery_services(cluster, services, work["celery"])
         components = ("metadatabase", "scheduler", "dag_processor", "triggerer")
         cluster.wait_for("api-server health", lambda: all_healthy(health(base_url), components), STARTUP_TIMEOUT_S,
                          interval=2.0)
@@ -408,7 +418,9 @@ def test_promoted_model_matches_local_executor(runs, capsys):
     assert p_celery["dataset_hash"] == p_local["dataset_hash"]
     assert p_celery["candidate"] == p_local["candidate"]
     assert p_celery["labels"] == p_local["labels"]
-    manifests = [pd.read_parquet(work[n] / "datasets" / p_celery["dataset_hash"] / "manifest.parquet")
+    # Each executor's own snapshot in its own bucket (Celery's workers kept no shared copy).
+    manifests = [pd.read_parquet(_download(stores[n], layout.dataset_key(MODEL, p_celery["dataset_hash"],
+                                                                         "manifest.parquet"), work[n] / "compare"))
                  .sort_values("sha256")[["sha256", "label", "split"]].reset_index(drop=True)
                  for n in ("celery", "local")]
     pd.testing.assert_frame_equal(*manifests)
@@ -503,3 +515,18 @@ def _download(store, key: str, dest_dir: Path) -> Path:
     dest = dest_dir / key.replace("/", "__")
     store.download_file(key, dest)
     return dest
+
+
+def test_workers_share_nothing_but_the_store(runs):
+    """Each worker has its own ML_WORK_DIR: every one that trained materialised the dataset itself,
+    and no XCom value points at a worker's disk (hashes, URIs and small dicts only)."""
+    celery, work_root = runs["celery"], runs["work"]["celery"]
+    assert celery.state == "success"
+    digest = json.loads(celery.xcom["data.ingest[-1]"])["dataset_hash"]
+    trainers = {t.service for t in celery.ran() if t.task_id in ("training.train", "training.finetune")} - {None}
+
+    assert len(trainers) >= 2, trainers
+    for service in trainers:
+        assert (work_root / service / "datasets" / digest / "dataset.json").is_file(), service
+    assert celery.xcom and all(str(work_root) not in value for value in celery.xcom.values()), celery.xcom
+    assert all("dataset_dir" not in value for value in celery.xcom.values())
