@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ml.errors import StorageError
 from ml.registry import layout
 
 if TYPE_CHECKING:
@@ -234,7 +235,14 @@ def epoch_checkpoint(
                 },
             }
             payload = pack_state(groups, meta)
-            self.target.save(done, payload)
+            try:
+                self.target.save(done, payload)
+            except StorageError as exc:
+                # The pointer still names the previous complete state: a store blip must not end a
+                # long fit that would otherwise finish (its publish retries on its own).
+                log.warning("checkpoint %s after %d epochs not saved (%s); training goes on, a retry would "
+                            "resume from the previous checkpoint", self.candidate, done, exc)
+                return
             seconds = time.perf_counter() - started
             self.saves.append({"seconds": seconds, "bytes": len(payload)})
             log.info("checkpoint %s: %d epochs done, %.1f MB in %.2f s -> %s", self.candidate, done,

@@ -62,7 +62,7 @@ def test_resumed_training_is_identical_to_an_uninterrupted_one(
     candidate: str, tiny_dataset: Path, tmp_path: Path, store: Any, monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    from ml.training.checkpoints import CheckpointStore
+    from ml.training.checkpoints import CheckpointStore, unpack_state
 
     # Augmentation and dropout on: every random draw of the fit must be restored or re-derived.
     config = _config(candidate)
@@ -88,6 +88,14 @@ def test_resumed_training_is_identical_to_an_uninterrupted_one(
     for key in ("val_loss", "val_accuracy", "best_epoch", "epochs_run"):
         assert resumed[key] == straight[key], key
     assert resumed["epochs_run"] == EPOCHS
+    # The last states of both fits match field by field: callback counters and every saved array.
+    (_, a_bytes), (_, b_bytes) = straight_ckpt.load(), resumed_ckpt.load()
+    (a_groups, a_meta), (b_groups, b_meta) = unpack_state(a_bytes), unpack_state(b_bytes)
+    assert a_meta["callbacks"] == b_meta["callbacks"] and a_meta["history"] == b_meta["history"]
+    assert a_meta["callbacks"]["es_best"] is not None, "early stopping was past its warm-up"
+    for group in a_groups:
+        for x, y in zip(a_groups[group], b_groups[group], strict=True):
+            np.testing.assert_array_equal(x, y, err_msg=group)
 
 
 def test_a_damaged_or_foreign_checkpoint_is_ignored(
@@ -133,3 +141,86 @@ def test_checkpoint_keys_live_under_the_run() -> None:
     assert layout.checkpoint_state_name(3) == "epoch-00003.npz"
     with pytest.raises(UnsafeNameError):
         layout.checkpoint_state_name(0)
+
+
+def test_interval_and_a_failed_save_does_not_end_the_fit(
+    tiny_dataset: Path, tmp_path: Path, store: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    from ml.errors import StorageError
+    from ml.training.checkpoints import CheckpointStore
+
+    original, attempted = CheckpointStore.save, []
+
+    def flaky(self: CheckpointStore, done: int, payload: bytes) -> dict[str, Any]:
+        attempted.append(done)
+        if done == 2:
+            raise StorageError("cannot reach object store endpoint 127.0.0.1:1")
+        return original(self, done, payload)
+
+    monkeypatch.setattr(CheckpointStore, "save", flaky)
+    ckpt = CheckpointStore.for_candidate(store, "m", "run-flaky", "scratch_tiny")
+    with caplog.at_level(logging.WARNING, logger="ml.training.checkpoints"):
+        summary = _train(tiny_dataset, tmp_path / "out", tmp_path / "cache",
+                         _config("scratch_tiny", epochs=4, checkpoint_every_epochs=2), ckpt)
+
+    assert attempted == [2, 4], "every 2 epochs"
+    assert "after 2 epochs not saved" in caplog.text
+    assert summary["epochs_run"] == 4
+    assert store.get_json(ckpt.prefix + "latest.json")["epochs_done"] == 4
+
+
+@pytest.mark.parametrize("value", [0, -1, 1.5, True, "2"])
+def test_checkpoint_interval_is_validated(value: Any) -> None:
+    from ml.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="train.checkpoint_every_epochs"):
+        TrainConfig(checkpoint_every_epochs=value)
+
+
+def test_callback_counters_and_learning_rate_survive_a_resume(tmp_path: Path, store: Any) -> None:
+    import keras
+
+    from ml.training.callbacks import make_callbacks
+    from ml.training.checkpoints import CheckpointStore
+
+    target = CheckpointStore.for_candidate(store, "m", "run-counters", "scratch_tiny")
+    staging = tmp_path / "staging"
+    staging.mkdir()
+
+    def fresh() -> tuple[Any, list[Any]]:
+        model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+        model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="mse")
+        model.optimizer.build(model.trainable_variables)
+        callbacks = make_callbacks(staging, tmp_path / "out", patience=8, has_val=True, checkpoints=target,
+                                   candidate="scratch_tiny")
+        stateful = [callbacks[0], callbacks[1], callbacks[2], callbacks[-1]]  # early stop, plateau, CSV, checkpoint
+        for callback in stateful:
+            callback.set_model(model)
+        stateful[-1].track([], "same settings")
+        return model, stateful
+
+    model, (stop, plateau, csv, checkpoint) = fresh()
+    for callback in (stop, plateau, csv, checkpoint):
+        callback.on_train_begin()
+    stop.wait, stop.best, stop.best_epoch = 2, 0.5, 3
+    stop.best_weights = [np.full((2, 1), 7.0, np.float32), np.zeros(1, np.float32)]
+    plateau.wait, plateau.cooldown_counter, plateau.best = 1, 1, 0.6
+    model.optimizer.learning_rate = 2.5e-4  # as ReduceLROnPlateau sets it
+    logs = {"loss": 1.0, "val_loss": 0.7}
+    csv.on_epoch_end(4, dict(logs))
+    checkpoint.on_epoch_end(4, dict(logs))
+
+    model2, (stop2, plateau2, csv2, checkpoint2) = fresh()
+    resumed = checkpoint2.resume(model2, 10)
+    for callback in (stop2, plateau2, csv2, checkpoint2):  # Keras' order: they reset, then the checkpoint restores
+        callback.on_train_begin()
+
+    assert resumed.epochs_done == 5 and not resumed.finished and resumed.history == {"loss": [1.0], "val_loss": [0.7]}
+    assert (stop2.wait, stop2.best, stop2.best_epoch) == (2, 0.5, 3)
+    np.testing.assert_array_equal(stop2.best_weights[0], np.full((2, 1), 7.0))
+    assert (plateau2.wait, plateau2.cooldown_counter, plateau2.best) == (1, 1, 0.6)
+    assert float(np.asarray(model2.optimizer.learning_rate)) == pytest.approx(2.5e-4)
+    for a, b in zip(model.variables + model.optimizer.variables, model2.variables + model2.optimizer.variables,
+                    strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert csv2.append and (staging / "history.csv").read_text().splitlines()[1].startswith("4,")
