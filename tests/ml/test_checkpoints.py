@@ -57,15 +57,17 @@ def _weights(out: Path) -> list[np.ndarray]:
     return [np.asarray(v) for v in load_model(out / "model.keras", compile=False).weights]
 
 
-@pytest.mark.parametrize("candidate", ["scratch_tiny"])
+@pytest.mark.parametrize(("candidate", "options"), [
+    ("scratch_tiny", {}),  # images, augmentation and dropout on: every random draw restored or re-derived
+    ("transfer_mobilenet", {"alpha": 0.25, "augment": False}),  # the head on cached bottleneck features
+])
 def test_resumed_training_is_identical_to_an_uninterrupted_one(
-    candidate: str, tiny_dataset: Path, tmp_path: Path, store: Any, monkeypatch: pytest.MonkeyPatch,
-    caplog: pytest.LogCaptureFixture,
+    candidate: str, options: dict[str, Any], tiny_dataset: Path, tmp_path: Path, store: Any,
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
 ) -> None:
     from ml.training.checkpoints import CheckpointStore, unpack_state
 
-    # Augmentation and dropout on: every random draw of the fit must be restored or re-derived.
-    config = _config(candidate)
+    config = _config(candidate, candidate_options={candidate: options})
     straight_ckpt = CheckpointStore.for_candidate(store, "m", "run-straight", candidate)
     straight = _train(tiny_dataset, tmp_path / "straight", tmp_path / "cache-a", config, straight_ckpt)
 
@@ -224,3 +226,9 @@ def test_callback_counters_and_learning_rate_survive_a_resume(tmp_path: Path, st
                     strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert csv2.append and (staging / "history.csv").read_text().splitlines()[1].startswith("4,")
+
+    # Early stopping ended the fit right after a save: the retry trains no further epoch.
+    model.stop_training = True
+    checkpoint.on_epoch_end(5, dict(logs))
+    model3, (*_, checkpoint3) = fresh()
+    assert checkpoint3.resume(model3, 10).finished
