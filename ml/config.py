@@ -201,6 +201,9 @@ class TrainConfig:
     finetune_top_k: int = 1
     finetune_epochs: int = 3
     finetune_lr_factor: float = 0.1  # fine-tuning LR = learning_rate * factor
+    # Save the resumable training state to the store after every N completed epochs
+    # (ml.training.checkpoints); a killed task's retry redoes at most N - 1 epochs.
+    checkpoint_every_epochs: int = 1
     candidate_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -215,7 +218,8 @@ class TrainConfig:
         for name in self.candidate_options:
             _check_registry_name(name, "train.candidate_options")
         for name, bounds in (("epochs", EPOCHS_RANGE), ("image_size", IMAGE_SIZE_RANGE),
-                             ("batch_size", BATCH_SIZE_RANGE), ("finetune_epochs", EPOCHS_RANGE)):
+                             ("batch_size", BATCH_SIZE_RANGE), ("finetune_epochs", EPOCHS_RANGE),
+                             ("checkpoint_every_epochs", EPOCHS_RANGE)):
             object.__setattr__(self, name, check_int_setting(f"train.{name}", getattr(self, name), bounds))
         object.__setattr__(self, "learning_rate",
                            check_rate_setting("train.learning_rate", self.learning_rate, LEARNING_RATE_RANGE))

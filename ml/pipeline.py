@@ -157,15 +157,39 @@ def train_stage(dataset: DatasetRef, candidate: str, config: PipelineConfig, sto
     from ml.training.fit import train_candidate
 
     layout.check_candidate(candidate)  # before any folder named after it is touched
+    checkpoints = _checkpoints(store, config, run_id, candidate)
     published = published_summary(store, config, run_id, candidate)
     if published is not None:
         log.info("train %s: already published by an earlier attempt, reusing it", candidate)
+        _drop_checkpoints(checkpoints, candidate)  # an attempt killed between its publish and the cleanup
         return published
     dataset_dir = local_dataset(config, store, dataset)
     out_dir = fresh_dir(local_run_dir(config, run_id) / candidate)
     summary = train_candidate(dataset_dir, candidate, out_dir, config.train, cache_root=cache_root(config),
-                              store=store)
-    return publish_candidate(store, config, run_id, candidate, out_dir, summary)
+                              store=store, checkpoints=checkpoints)
+    return _published(store, config, run_id, candidate, out_dir, summary, checkpoints)
+
+
+def _checkpoints(store: ObjectStore | None, config: PipelineConfig, run_id: str, candidate: str) -> Any:
+    """Where a candidate's per-epoch training state goes: the run's prefix in the store (any worker resumes)."""
+    if store is None:
+        return None
+    from ml.training.checkpoints import CheckpointStore
+
+    return CheckpointStore.for_candidate(store, config.storage.model_name, run_id, candidate)
+
+
+def _published(store: ObjectStore | None, config: PipelineConfig, run_id: str, candidate: str, out_dir: Path,
+               summary: Mapping[str, Any], checkpoints: Any) -> dict[str, Any]:
+    """Publish the candidate, then delete its checkpoints: a retry now reuses the published folder."""
+    result = publish_candidate(store, config, run_id, candidate, out_dir, summary)
+    _drop_checkpoints(checkpoints, candidate)
+    return result
+
+
+def _drop_checkpoints(checkpoints: Any, candidate: str) -> None:
+    if checkpoints is not None and (removed := checkpoints.delete()):
+        log.info("train %s: published; %d checkpoint objects deleted from %s", candidate, removed, checkpoints.uri)
 
 
 def select_for_finetuning(results: Sequence[Mapping[str, Any]], config: PipelineConfig) -> list[str]:
@@ -187,12 +211,15 @@ def finetune_stage(dataset: DatasetRef, transfer_candidate: str, config: Pipelin
     published = published_summary(store, config, run_id, candidate)
     if published is not None:
         log.info("finetune %s: already published by an earlier attempt, reusing it", candidate)
+        _drop_checkpoints(_checkpoints(store, config, run_id, candidate), candidate)
         return published
     dataset_dir = local_dataset(config, store, dataset)
     transfer_dir = ensure_candidate_local(store, config, run_id, transfer_candidate)
     out_dir = fresh_dir(local_run_dir(config, run_id) / candidate)
-    summary = finetune_candidate(dataset_dir, transfer_dir, out_dir, config.train, cache_root=cache_root(config))
-    return publish_candidate(store, config, run_id, candidate, out_dir, summary)
+    checkpoints = _checkpoints(store, config, run_id, candidate)
+    summary = finetune_candidate(dataset_dir, transfer_dir, out_dir, config.train, cache_root=cache_root(config),
+                                 checkpoints=checkpoints)
+    return _published(store, config, run_id, candidate, out_dir, summary, checkpoints)
 
 
 # --------------------------------------------------------------------------- evaluation

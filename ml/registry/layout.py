@@ -6,6 +6,7 @@ the command line, an Airflow run id, or an object listing of a store someone els
 
     <model>/runs/<run segment>/<candidate>/...      every candidate of every run
     <model>/runs/<run segment>/...                  run-level artifacts (quality/, leaderboard/, reports)
+    <model>/runs/<run segment>/checkpoints/<candidate>/   per-epoch training state (latest.json last)
     <model>/versions/<version>/...                  immutable once COMPLETE
     <model>/production.json                         the pointer
     <model>/promotions/<utc-timestamp>-<version>.json   append-only log
@@ -160,6 +161,12 @@ COMPLETE_MARKER = "COMPLETE"
 LOG_TIME_FORMAT = "%Y%m%dT%H%M%S.%fZ"
 
 
+# A candidate's training checkpoints: one state object per saved epoch, then the pointer naming the
+# latest complete one (written last; a reader trusts only the object it names, after its sha256).
+CHECKPOINTS_DIR = "checkpoints"
+CHECKPOINT_POINTER = "latest.json"
+
+
 # A dataset snapshot (content-addressed by its dataset hash): packs of images, the manifest, the
 # dataset description, the pack index; COMPLETE written last.
 SNAPSHOT_INDEX = "snapshot.json"
@@ -187,6 +194,18 @@ def run_prefix(model_name: str, run_id: str) -> str:
 def candidate_prefix(model_name: str, run_id: str, candidate: str) -> str:
     """``<model>/runs/<run segment>/<candidate>/``."""
     return f"{run_prefix(model_name, run_id)}/{check_candidate(candidate)}/"
+
+
+def checkpoint_prefix(model_name: str, run_id: str, candidate: str) -> str:
+    """``<model>/runs/<run segment>/checkpoints/<candidate>/``: a candidate's resumable training state."""
+    return f"{run_prefix(model_name, run_id)}/{CHECKPOINTS_DIR}/{check_candidate(candidate)}/"
+
+
+def checkpoint_state_name(epochs_done: int) -> str:
+    """The state object saved after `epochs_done` completed epochs (``epoch-00003.npz``)."""
+    if not isinstance(epochs_done, int) or epochs_done < 1:
+        raise UnsafeNameError(f"invalid checkpoint epoch {_shown(epochs_done)}: expected an integer >= 1")
+    return f"epoch-{epochs_done:05d}.npz"
 
 
 def folder_prefix(root: str, segment: str) -> str:

@@ -1,4 +1,4 @@
-"""Keras callbacks of every fit: early stopping, LR decay, CSV history, TensorBoard, checkpoint.
+"""Keras callbacks of every fit: early stopping, LR decay, CSV history, TensorBoard, epoch checkpoints.
 
 Keras is imported inside the functions, so importing this module stays cheap.
 """
@@ -7,19 +7,17 @@ from __future__ import annotations
 
 import logging
 import shutil
-from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
-
-from ml.io import write_with
 
 if TYPE_CHECKING:
     import keras
 
+    from ml.training.checkpoints import CheckpointStore
+
 log = logging.getLogger(__name__)
 
 HISTORY_FILE = "history.csv"
-CHECKPOINT_FILE = "checkpoint.keras"
 TENSORBOARD_DIR = "tensorboard"
 # From-scratch nets with batch norm have erratic validation loss for the first epochs (running
 # statistics still settling): without a warm-up, early stopping "restored" epoch 1 of a net that
@@ -27,36 +25,53 @@ TENSORBOARD_DIR = "tensorboard"
 WARMUP_EPOCHS = 3  # epochs before early stopping may act
 
 
-def make_callbacks(staging: Path, out_dir: Path, patience: int, has_val: bool) -> list[keras.callbacks.Callback]:
-    """Early stopping (best weights restored), LR decay on plateaus, CSV history, checkpoint, TensorBoard.
+def make_callbacks(
+    staging: Path,
+    out_dir: Path,
+    patience: int,
+    has_val: bool,
+    *,
+    checkpoints: CheckpointStore | None = None,
+    candidate: str = "",
+    checkpoint_every: int = 1,
+) -> list[keras.callbacks.Callback]:
+    """Early stopping (best weights restored), LR decay on plateaus, CSV history, TensorBoard, checkpoint.
 
     Args:
-        staging: The staging folder: history.csv and the checkpoint are written there.
+        staging: The staging folder: history.csv is written there.
         out_dir: The candidate folder: TensorBoard logs stream to its ``tensorboard/`` (removed
             first: the logs of an earlier, failed attempt would interleave with this one's).
         patience: Epochs without improvement before stopping (at least 1); the LR halves after
             half of it (at least 3).
         has_val: Watch ``val_loss`` (True) or the training ``loss``.
+        checkpoints: Where the candidate's per-epoch state goes (`ml.training.checkpoints`), so a
+            retried task resumes; None: no checkpoints (a run without an object store).
+        candidate: The candidate's name, for the checkpoint's logs.
+        checkpoint_every: Save the state after every this many completed epochs (>= 1).
     """
     import keras
 
     monitor = "val_loss" if has_val else "loss"
     tensorboard = out_dir / TENSORBOARD_DIR
     shutil.rmtree(tensorboard, ignore_errors=True)
-    callbacks = [
-        keras.callbacks.EarlyStopping(
-            monitor=monitor, patience=max(1, patience), restore_best_weights=True, start_from_epoch=WARMUP_EPOCHS
-        ),
-        keras.callbacks.ReduceLROnPlateau(
-            monitor=monitor, factor=0.5, patience=max(3, patience // 2), cooldown=1, min_lr=1e-6
-        ),
-        keras.callbacks.CSVLogger(str(staging / HISTORY_FILE)),
-        atomic_checkpoint(staging / CHECKPOINT_FILE, monitor),
-    ]
+    early_stopping = keras.callbacks.EarlyStopping(
+        monitor=monitor, patience=max(1, patience), restore_best_weights=True, start_from_epoch=WARMUP_EPOCHS
+    )
+    plateau = keras.callbacks.ReduceLROnPlateau(
+        monitor=monitor, factor=0.5, patience=max(3, patience // 2), cooldown=1, min_lr=1e-6
+    )
+    csv_logger = keras.callbacks.CSVLogger(str(staging / HISTORY_FILE))
+    callbacks = [early_stopping, plateau, csv_logger]
     if tensorboard_available():
         callbacks.append(keras.callbacks.TensorBoard(log_dir=str(tensorboard), write_graph=False, profile_batch=0))
     else:
         log.info("tensorboard is not installed: no TensorBoard logs (history.csv has the curves)")
+    if checkpoints is not None:
+        from ml.training.checkpoints import epoch_checkpoint
+
+        # Last: it saves the other callbacks' state once they are done with the epoch.
+        callbacks.append(epoch_checkpoint(checkpoints, candidate=candidate, every=checkpoint_every,
+                                          early_stopping=early_stopping, plateau=plateau, csv_logger=csv_logger))
     return callbacks
 
 
@@ -65,23 +80,3 @@ def tensorboard_available() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("tensorboard") is not None
-
-
-def atomic_checkpoint(path: Path, monitor: str) -> keras.callbacks.Callback:
-    """A callback saving the best model so far (lowest `monitor`) to `path`, atomically (`ml.io.write_with`)."""
-    import keras
-
-    class AtomicCheckpoint(keras.callbacks.Callback):
-        def __init__(self) -> None:
-            super().__init__()
-            self.best = float("inf")
-
-        def on_epoch_end(self, epoch: int, logs: Mapping[str, float] | None = None) -> None:
-            value = (logs or {}).get(monitor)
-            if value is None or not value < self.best:
-                return
-            self.best = float(value)
-            # Keras picks the format from the extension: the temporary name must end in .keras too.
-            write_with(path, self.model.save, suffix=".keras")
-
-    return AtomicCheckpoint()

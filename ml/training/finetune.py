@@ -22,6 +22,8 @@ from ml.models.registry import ArchitectureSpec
 if TYPE_CHECKING:
     import keras
 
+    from ml.training.checkpoints import CheckpointStore
+
 log = logging.getLogger(__name__)
 
 
@@ -54,7 +56,13 @@ def unfreeze_from_boundary(model: keras.Model, spec: ArchitectureSpec) -> list[s
 
 
 def finetune_candidate(
-    dataset_dir: Path, transfer_dir: Path, out_dir: Path, config: TrainConfig, *, cache_root: Path
+    dataset_dir: Path,
+    transfer_dir: Path,
+    out_dir: Path,
+    config: TrainConfig,
+    *,
+    cache_root: Path,
+    checkpoints: CheckpointStore | None = None,
 ) -> dict[str, Any]:
     """Fine-tune the transfer candidate in `transfer_dir` into ``finetune_<arch>`` in `out_dir`.
 
@@ -63,7 +71,8 @@ def finetune_candidate(
     ``config.options_for('finetune_<arch>')`` sets ``learning_rate``/``epochs``; other options
     (augmentation) fall back to the transfer candidate's; the image size is the transfer
     candidate's. Writes the same files as `ml.training.fit.train_candidate`, with ``parent`` =
-    the transfer candidate.
+    the transfer candidate. With `checkpoints`, each epoch's state is saved there and a retry
+    resumes from it (`ml.training.checkpoints`).
 
     Returns:
         The train summary.
@@ -116,7 +125,10 @@ def finetune_candidate(
             settings.learning_rate,
             settings.epochs,
         )
-        callbacks = make_callbacks(staging, out_dir, settings.early_stopping_patience, data.has_val)
+        callbacks = make_callbacks(
+            staging, out_dir, settings.early_stopping_patience, data.has_val, checkpoints=checkpoints,
+            candidate=settings.candidate, checkpoint_every=config.checkpoint_every_epochs,
+        )
         history, val = fit_model(model, data, settings, callbacks)
         extra = {
             "bottleneck": None,

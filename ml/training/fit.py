@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     import keras
     import tensorflow as tf
 
+    from ml.training.checkpoints import CheckpointStore
     from ml.training.hardware import Hardware
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,7 @@ def train_candidate(
     *,
     cache_root: Path,
     store: Any = None,
+    checkpoints: CheckpointStore | None = None,
 ) -> dict[str, Any]:
     """Train one ``scratch_*`` or ``transfer_*`` candidate and write its folder.
 
@@ -69,6 +71,7 @@ def train_candidate(
             ``epochs``, ``learning_rate``), resolved by `CandidateSettings.for_candidate`.
         cache_root: Root of the decoded-image and bottleneck caches.
         store: Object-store client, for ``s3://`` weights.
+        checkpoints: Where per-epoch state is saved and resumed from (`ml.training.checkpoints`).
 
     Returns:
         The train summary (also written as train_summary.json).
@@ -86,7 +89,10 @@ def train_candidate(
     extra: dict[str, Any] = {"bottleneck": None, "weights": None, "weights_id": None}
 
     with staging_dir(out_dir) as staging:
-        callbacks = make_callbacks(staging, out_dir, settings.early_stopping_patience, data.has_val)
+        callbacks = make_callbacks(
+            staging, out_dir, settings.early_stopping_patience, data.has_val, checkpoints=checkpoints,
+            candidate=candidate, checkpoint_every=config.checkpoint_every_epochs,
+        )
         if settings.kind == "scratch":
             from ml.models.scratch import build_scratch
 
@@ -154,15 +160,16 @@ def fit_model(
     from ml.training.input_pipeline import one_hot, split_dataset
 
     bs, k = settings.batch_size, data.num_classes
+    state: list[Any] = []
     train = one_hot(
         split_dataset(
             data.cache, "train", batch_size=bs, shuffle=True, seed=settings.seed, augment=settings.augment,
-            rows=data.train_rows,
+            rows=data.train_rows, state=state,
         ),
         k,
     )
     val = one_hot(split_dataset(data.cache, "val", batch_size=bs, rows=data.val_rows), k) if data.has_val else None
-    return _fit(model, train, val, data, settings, callbacks)
+    return _fit(model, train, val, data, settings, callbacks, data_state=state)
 
 
 def fit_on_bottlenecks(
@@ -184,6 +191,7 @@ def fit_on_bottlenecks(
 
     from ml.models.transfer import HEAD_NAME, feature_extractor
     from ml.training.bottleneck import bottleneck_path, load_or_compute
+    from ml.training.input_pipeline import shuffled_each_epoch
 
     path = bottleneck_path(
         cache_root, data.cache.dataset_hash, settings.name, settings.image_size, weights_id, settings.alpha
@@ -194,19 +202,21 @@ def fit_on_bottlenecks(
     with hardware.scope():
         compile_model(head, settings.learning_rate, settings.label_smoothing)
     k, bs = data.num_classes, settings.batch_size
+    state: list[Any] = []
 
     def features_ds(rows: np.ndarray, shuffle: bool) -> tf.data.Dataset:
         feats = np.asarray(found.features[rows], dtype=np.float32)
         labels = tf.one_hot(data.cache.label_indices(rows), k, dtype=tf.float32)
-        ds = tf.data.Dataset.from_tensor_slices((feats, labels))
         if shuffle:
-            ds = ds.shuffle(len(rows), seed=settings.seed, reshuffle_each_iteration=True)
+            ds = shuffled_each_epoch((feats, labels), settings.seed, state)
+        else:
+            ds = tf.data.Dataset.from_tensor_slices((feats, labels))
         return ds.batch(bs).prefetch(tf.data.AUTOTUNE)
 
     val = features_ds(data.val_rows, False) if data.has_val else None
     # The head's weights are shared with `model`, so training it trains the full model's head;
     # the checkpoint callback saves the head only (callbacks see the model being fitted).
-    history, scores = _fit(head, features_ds(data.train_rows, True), val, data, settings, callbacks)
+    history, scores = _fit(head, features_ds(data.train_rows, True), val, data, settings, callbacks, data_state=state)
     info = {"path": str(path), "hit": found.hit, "features": list(found.features.shape)}
     return history, scores, info
 
@@ -218,11 +228,27 @@ def _fit(
     data: TrainData,
     settings: CandidateSettings,
     callbacks: list[Any],
+    *,
+    data_state: Sequence[Any] = (),
 ) -> tuple[dict[str, list[float]], dict[str, float]]:
-    """model.fit for `settings.epochs` (the datasets shuffle themselves), then the val scores."""
+    """model.fit for `settings.epochs` (the datasets shuffle themselves), then the val scores.
+
+    With an epoch checkpoint among `callbacks`, first resume from its latest state (model,
+    optimizer, callbacks, `data_state`: the input pipeline's random state) and fit only the
+    epochs left; the returned curves cover every epoch.
+    """
+    from ml.training.checkpoints import Resumed, find_checkpoint, fingerprint
+
+    checkpoint, resumed = find_checkpoint(callbacks), Resumed()
+    if checkpoint is not None:
+        callbacks = [c for c in callbacks if c is not checkpoint] + [checkpoint]  # last: see epoch_checkpoint
+        checkpoint.track(data_state, fingerprint(settings, data.cache.dataset_hash, model))
+        resumed = checkpoint.resume(model, settings.epochs)
     history = model.fit(
         train,
         validation_data=val,
+        # Early stopping had ended the fit: no epoch left, but on_train_end still restores the best weights.
+        initial_epoch=settings.epochs if resumed.finished else resumed.epochs_done,
         epochs=settings.epochs,
         callbacks=callbacks,
         class_weight=data.class_weight,
@@ -230,7 +256,10 @@ def _fit(
         verbose=2,
     )
     scores = model.evaluate(val, verbose=0, return_dict=True) if val is not None else {}
-    curves = {name: [float(v) for v in values] for name, values in history.history.items()}
+    curves = {name: [float(v) for v in resumed.history.get(name, [])] + [float(v) for v in values]
+              for name, values in history.history.items()}
+    for name, values in resumed.history.items():
+        curves.setdefault(name, [float(v) for v in values])
     return curves, {name: float(v) for name, v in scores.items()}
 
 

@@ -112,6 +112,7 @@ def split_dataset(
     seed: int = 0,
     augment: AugmentConfig | None = None,
     rows: Any = None,
+    state: list[Any] | None = None,
 ) -> tf.data.Dataset:
     """(images float32 [0, 255] B x S x S x 3, labels int32 B) batches of one split.
 
@@ -123,6 +124,9 @@ def split_dataset(
         seed: Shuffle and augmentation seed.
         augment: Distortions to apply (training only), or None.
         rows: Explicit cache rows instead of the split's (overrides `split`).
+        state: A list that receives the pipeline's random-state variables (the shuffle's epoch
+            counter, the augmentation seed generators): what a checkpoint saves so that a resumed
+            fit draws what an uninterrupted one would (`ml.training.checkpoints`).
     """
     import numpy as np
     import tensorflow as tf
@@ -141,12 +145,15 @@ def split_dataset(
         pixels.set_shape((None, size, size, 3))
         return tf.cast(pixels, tf.float32), batch_labels
 
-    ds = tf.data.Dataset.from_tensor_slices((rows, labels))
+    state = [] if state is None else state
     if shuffle and len(rows):
-        ds = ds.shuffle(len(rows), seed=seed, reshuffle_each_iteration=True)
+        ds = shuffled_each_epoch((rows, labels), seed, state)
+    else:
+        ds = tf.data.Dataset.from_tensor_slices((rows, labels))
     ds = ds.batch(batch_size).map(load, num_parallel_calls=tf.data.AUTOTUNE)
     if augment is not None:
         augmenter = build_augmenter(augment, seed)
+        state.extend(augmenter.variables)  # seed generator states: advanced once per batch
 
         def distort(images: tf.Tensor, batch_labels: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
             out = augmenter(images, training=True)
@@ -157,6 +164,33 @@ def split_dataset(
         # (max |dp| 0.038 between two identical runs; bit-identical once sequential).
         ds = ds.map(distort)
     return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def shuffled_each_epoch(arrays: tuple[Any, ...], seed: int, state: list[Any]) -> tf.data.Dataset:
+    """``Dataset.from_tensor_slices(arrays)`` in a new order every iteration (epoch), seeded.
+
+    The order of iteration ``e`` is a pure function of ``(seed, e)``, and ``e`` is a variable
+    appended to `state`: a checkpoint saves it, and a resumed fit that sets it back sees the order
+    an uninterrupted fit would have seen at that epoch. (``Dataset.shuffle(...,
+    reshuffle_each_iteration=True)`` keeps its counter inside the op, where no checkpoint reaches:
+    a resumed fit would replay epoch 0's order.) The counter moves when an iteration yields its
+    first element, so an iterator Keras creates and drops unread does not count.
+    """
+    import tensorflow as tf
+
+    n = len(arrays[0])
+    tensors = tuple(tf.constant(a) for a in arrays)
+    epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="shuffle_epoch")
+    state.append(epoch)
+    base = tf.constant(int(seed), dtype=tf.int64)
+
+    def one_epoch(_: tf.Tensor) -> tf.data.Dataset:
+        current = epoch.assign_add(1) - 1
+        order = tf.argsort(tf.random.stateless_uniform([n], seed=tf.stack([base, current])))
+        return tf.data.Dataset.from_tensor_slices(tuple(tf.gather(t, order) for t in tensors))
+
+    ds = tf.data.Dataset.range(1).flat_map(one_epoch)
+    return ds.apply(tf.data.experimental.assert_cardinality(n))
 
 
 def one_hot(ds: tf.data.Dataset, num_classes: int) -> tf.data.Dataset:

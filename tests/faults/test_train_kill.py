@@ -1,24 +1,29 @@
-"""Fault 1: a training process SIGKILLed mid-epoch, then retried.
+"""Fault 1: a training process SIGKILLed mid-epoch, then retried -- and resumed where it was killed.
 
 Twice: first `train_stage` in a plain subprocess, killed and run again by the test (fast, and
 it pins the staging protocol); then the real thing, a DAG run on `airflow standalone` whose
 `training.train` task process (the PID Airflow records for the task instance) is SIGKILLed
-mid-epoch, failed by its supervisor and retried by Airflow's own `retries`. Either way the kill
-must leave nothing a reader would take as complete: no marker and no half-published files under
-the candidate's keys in the store, no final-named files in the local candidate folder. The retry
-must complete and publish, and the run go on to promote.
+mid-epoch, failed by its supervisor and retried by Airflow's own `retries`, after the worker's
+whole ML_WORK_DIR was wiped (the retry meets a fresh worker: nothing but the store and the
+metadata DB). Either way the kill must leave nothing a reader would take as complete: no marker
+and no half-published files under the candidate's keys in the store, no final-named files in
+the local candidate folder. The retry must resume from the last epoch checkpoint in the store
+(no completed epoch trained twice), publish, delete the checkpoints, and the run go on to promote.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import time
 
 import pytest
 
+from ml.registry import layout
 from tests.faults.conftest import (
     MODEL,
     PYTHON,
@@ -95,6 +100,8 @@ def test_training_killed_mid_epoch_leaves_nothing_complete_and_retry_publishes(o
     assert proc.returncode == -signal.SIGKILL, f"ended by itself: {proc.stdout.read().decode()[-2000:]}"
     assert 2 <= epochs_done < EPOCHS
     _assert_nothing_complete(store, prefix, cand_dir)
+    checkpoints = layout.checkpoint_prefix(MODEL, "run-kill", "scratch_tiny")
+    assert store.get_json(checkpoints + "latest.json")["epochs_done"] >= 1, "no checkpoint before the kill"
 
     retry = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
 
@@ -109,6 +116,7 @@ def test_training_killed_mid_epoch_leaves_nothing_complete_and_retry_publishes(o
     fetched = ensure_candidate_local(store, other, "run-kill", "scratch_tiny")
     assert json.loads((fetched / "train_summary.json").read_text())["epochs_run"] == EPOCHS
     assert (fetched / "model.keras").read_bytes() == (cand_dir / "model.keras").read_bytes()
+    assert store.list_keys(checkpoints) == [], "checkpoints outlived the published candidate"
 
 
 AIRFLOW_EPOCHS = 40  # scratch_tiny on the sample: ~0.3 s an epoch, so the kill lands well before the end
@@ -134,6 +142,7 @@ def test_airflow_retries_a_training_task_killed_mid_epoch(own_seaweed, sample_so
     config = tiny_config(stack.work_dir, bucket, own_seaweed.endpoint_url)
     cand_dir = local_run_dir(config, run_id) / "scratch_tiny"
     prefix = f"{run_key(config, run_id)}/scratch_tiny/"
+    checkpoints = layout.checkpoint_prefix(MODEL, run_id, "scratch_tiny")
 
     stack.prepare()
     stack.start()
@@ -161,13 +170,22 @@ def test_airflow_retries_a_training_task_killed_mid_epoch(own_seaweed, sample_so
             time.sleep(0.1)
         after_kill = stack.task(run_id, TRAIN_TASK, 0)
         assert 2 <= epochs_done < AIRFLOW_EPOCHS
-        if after_kill.try_number == 1:  # still between tries: nothing of the killed one may be visible
-            assert after_kill.state in ("up_for_retry", "failed"), after_kill
-            _assert_nothing_complete(store, prefix, cand_dir)
+        # The epochs the killed try completed and checkpointed: the retry must not train them again.
+        resume_at = store.get_json(checkpoints + "latest.json")["epochs_done"]
+        assert resume_at >= 1
+        killed_rows = (next(cand_dir.glob(".staging-*/history.csv")).read_text().splitlines()
+                       if list(cand_dir.glob(".staging-*/history.csv")) else [])
+        assert after_kill.try_number == 1, f"the retry started before the test could wipe the work dir: {after_kill}"
+        assert after_kill.state in ("up_for_retry", "failed"), after_kill
+        _assert_nothing_complete(store, prefix, cand_dir)
+        # The retry meets a fresh worker (retry_delay is 20 s): no dataset, no caches, no run folder.
+        shutil.rmtree(stack.work_dir)
+        stack.work_dir.mkdir()
 
         state = stack.wait_run(run_id, timeout=600)
         final = stack.task(run_id, TRAIN_TASK, 0)
         first_try_log = stack.task_log(run_id, TRAIN_TASK, 0, try_number=1)
+        retry_log = stack.task_log(run_id, TRAIN_TASK, 0, try_number=2)
     finally:
         stack.stop()
 
@@ -176,8 +194,18 @@ def test_airflow_retries_a_training_task_killed_mid_epoch(own_seaweed, sample_so
     assert stack.tries(run_id, TRAIN_TASK, 0)[:1] == [(1, "failed")]
     # The supervisor saw its task process die of the signal (not a timeout, not a Python error).
     assert '"signal_name":"SIGKILL"' in first_try_log, first_try_log[-3000:]
+    # The retry resumed at the checkpointed epoch, and saved only the epochs after it.
+    assert (f"resuming scratch_tiny at epoch {resume_at + 1} of {AIRFLOW_EPOCHS} ({resume_at} completed epochs "
+            f"restored) from s3://{bucket}/{checkpoints}epoch-{resume_at:05d}.npz") in retry_log, retry_log[-3000:]
+    saved = [int(n) for n in re.findall(r"checkpoint scratch_tiny: (\d+) epochs done", retry_log)]
+    assert saved == list(range(resume_at + 1, AIRFLOW_EPOCHS + 1)), f"epochs the retry trained: {saved}"
     summary = store.get_json(prefix + "train_summary.json")
-    assert summary["epochs_run"] == AIRFLOW_EPOCHS, "the retry did not train from the start to the end"
+    assert summary["epochs_run"] == AIRFLOW_EPOCHS, "the curves do not cover every epoch"
+    history = store.get_bytes(prefix + "history.csv").decode().splitlines()
+    assert [int(row.split(",")[0]) for row in history[1:]] == list(range(AIRFLOW_EPOCHS)), "an epoch twice or missing"
+    # The restored rows are the killed try's own, byte for byte (history.csv travelled in the checkpoint).
+    assert history[: resume_at + 1] == killed_rows[: resume_at + 1]
     assert {prefix + name for name in FINAL_NAMES} <= set(store.list_keys(prefix))
+    assert store.list_keys(checkpoints) == [], "checkpoints outlived the published candidate"
     assert not [p.name for p in cand_dir.iterdir() if p.name.startswith(".staging-")], "staging left behind"
     assert_pointer_verifiable(store)
