@@ -142,7 +142,8 @@ def check_relative_path(rel: object, what: str) -> PurePosixPath:
 CANDIDATE_FILES = ("model.keras", "labels.json", "preprocessing.json", "history.csv")
 CANDIDATE_MARKER = "train_summary.json"
 # What evaluation adds to a candidate folder (metrics.json last).
-EVAL_FILES = ("confusion.png", "confusion.csv", "curves.png", "predictions.npz", "metrics.json")
+METRICS_FILE = "metrics.json"
+EVAL_FILES = ("confusion.png", "confusion.csv", "curves.png", "predictions.npz", METRICS_FILE)
 TENSORBOARD_DIR = "tensorboard"
 # Run-level files and folders.
 QUALITY_DIR = "quality"
