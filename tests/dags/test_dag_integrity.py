@@ -141,6 +141,30 @@ def test_deadline_alert_records_a_late_run_after_the_default_maximum_run_time(da
     assert "_shared.alerts.record_late_run" in json.dumps(DagSerialization.to_dict(dag), default=str)
 
 
+def test_the_scheduler_finds_the_deadline_alert_in_the_database(dagbag):
+    """What the scheduler reads: the DAG from the database, its alert by id (dag.test() cannot show this)."""
+    from airflow.dag_processing.bundles.manager import DagBundlesManager
+    from airflow.dag_processing.dagbag import sync_bag_to_db
+    from airflow.models.deadline_alert import DeadlineAlert as DeadlineAlertModel
+    from airflow.models.serialized_dag import SerializedDagModel
+    from airflow.sdk.definitions.deadline import DagRunQueuedAtDeadline
+    from airflow.utils.session import create_session
+
+    from ml.config import DEFAULT_MAX_RUN_MINUTES
+
+    with create_session() as session:
+        DagBundlesManager().sync_bundles_to_db(session=session)
+    sync_bag_to_db(dagbag, "dags-folder", None)  # as the dag-processor stores it
+    with create_session() as session:
+        dag = SerializedDagModel.get_dag(DAG_ID, session=session)
+        alerts = [DeadlineAlertModel.get_by_id(alert_id, session=session) for alert_id in dag.deadline]
+
+        assert [a.name for a in alerts] == ["max_run_time"]
+        assert alerts[0].reference_class.__name__ == DagRunQueuedAtDeadline.__name__
+        assert alerts[0].interval.get("__data__") == DEFAULT_MAX_RUN_MINUTES * 60
+        assert "_shared.alerts.record_late_run" in json.dumps(alerts[0].callback_def)
+
+
 _DEADLINE_PROBE = """
 import json, os, runpy
 os.environ["ML_MAX_RUN_MINUTES"] = {value!r}
