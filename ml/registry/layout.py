@@ -156,6 +156,7 @@ REPORT_FILE = "report.json"
 # A version folder: COMPLETE is written last and is what makes a version exist.
 MODEL_FILE = "model.keras"
 VERSION_FILE = "version.json"
+SUBMISSION_FILE = "submission.csv"  # Kaggle-competition datasets only: the version's predictions of test/
 COMPLETE_MARKER = "COMPLETE"
 # The promotion log's key prefix: lexicographic order = chronological order.
 LOG_TIME_FORMAT = "%Y%m%dT%H%M%S.%fZ"
