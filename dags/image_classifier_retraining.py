@@ -29,10 +29,26 @@ from pathlib import Path
 from typing import Any
 
 import pendulum
-from airflow.sdk import Asset, Param, TaskGroup, dag, get_current_context, task
+from airflow.sdk import (
+    Asset,
+    DeadlineAlert,
+    DeadlineReference,
+    Param,
+    SyncCallback,
+    TaskGroup,
+    dag,
+    get_current_context,
+    task,
+)
 from airflow.sdk.definitions.retry_policy import ExceptionRetryPolicy, RetryAction, RetryRule
 
-from ml.config import IMAGE_SIZE_RANGE, PRODUCTION_ASSET_NAME, PRODUCTION_ASSET_URI
+from ml.config import (
+    IMAGE_SIZE_RANGE,
+    MAX_RUN_MINUTES_ENV,
+    PRODUCTION_ASSET_NAME,
+    PRODUCTION_ASSET_URI,
+    max_run_minutes,
+)
 from ml.models.registry import candidate_names
 
 PRODUCTION_MODEL = Asset(name=PRODUCTION_ASSET_NAME, uri=PRODUCTION_ASSET_URI)
@@ -41,6 +57,12 @@ PRODUCTION_MODEL = Asset(name=PRODUCTION_ASSET_NAME, uri=PRODUCTION_ASSET_URI)
 _SPEC = os.environ.get("ML_RETRAIN_SCHEDULE", "@weekly").strip()
 SCHEDULE = None if _SPEC.lower() in ("", "none") else (
     [Asset(_SPEC.removeprefix("asset:"))] if _SPEC.startswith("asset:") else _SPEC)
+# A run still going this long after it was queued is recorded like a failed task ("none": no alert).
+MAX_RUN_MINUTES = max_run_minutes(os.environ.get(MAX_RUN_MINUTES_ENV))
+DEADLINE = None if MAX_RUN_MINUTES is None else DeadlineAlert(
+    reference=DeadlineReference.DAGRUN_QUEUED_AT, interval=timedelta(minutes=MAX_RUN_MINUTES), name="max_run_time",
+    # By path: dags/_shared is importable where callbacks run (the bundle is on sys.path), not at parse time.
+    callback=SyncCallback("_shared.alerts.record_late_run", kwargs={"max_run_minutes": MAX_RUN_MINUTES}))
 # Deterministic failures: retrying cannot help, so fail at once (I/O errors still retry).
 NO_RETRY_ON_BAD_INPUT = ExceptionRetryPolicy(rules=[
     RetryRule(exception=f"ml.errors.{name}", action=RetryAction.FAIL, reason="bad input or config: a retry cannot help")
@@ -230,7 +252,8 @@ def announce(result: dict) -> None:
 
 @dag(dag_id=Path(__file__).stem, doc_md=__doc__, schedule=SCHEDULE,
      start_date=pendulum.datetime(2026, 1, 1, tz="UTC"), catchup=False, max_active_runs=1,
-     default_args={**DEFAULT_ARGS, "on_failure_callback": _on_failure}, params=PARAMS, tags=["ml", "training"])
+     default_args={**DEFAULT_ARGS, "on_failure_callback": _on_failure}, params=PARAMS, tags=["ml", "training"],
+     deadline=DEADLINE)
 def image_classifier_retraining():
     with TaskGroup("data"):
         dataset = ingest()

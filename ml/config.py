@@ -170,6 +170,34 @@ def check_int_setting(name: str, value: Any, bounds: tuple[int, int]) -> int:
     return int(value)
 
 
+# The retraining DAG's maximum run time (a DeadlineAlert from when the run is queued). Read from the
+# environment at parse time, like ML_RETRAIN_SCHEDULE: the DAG file may not read the YAML file.
+MAX_RUN_MINUTES_ENV = "ML_MAX_RUN_MINUTES"
+# 8 h: one training task may use its whole 6 h execution_timeout, and the other stages take < 1 h.
+DEFAULT_MAX_RUN_MINUTES = 480
+MAX_RUN_MINUTES_RANGE = (1, 7 * 24 * 60)  # up to a week: the longest schedule gap that makes sense
+
+
+def max_run_minutes(text: str | None) -> int | None:
+    """The maximum run time in minutes from the `ML_MAX_RUN_MINUTES` text; None when it is "none" (no alert).
+
+    Unset or empty gives `DEFAULT_MAX_RUN_MINUTES`.
+
+    Raises:
+        ConfigError: naming the variable, what is allowed and what was given.
+    """
+    value = (text or "").strip()
+    if not value:
+        return DEFAULT_MAX_RUN_MINUTES
+    if value.lower() == "none":
+        return None
+    low, high = MAX_RUN_MINUTES_RANGE
+    if not value.isdigit() or not low <= int(value) <= high:
+        raise ConfigError(f"{MAX_RUN_MINUTES_ENV} must be a whole number of minutes in [{low}, {high}] or "
+                          f"'none' (no deadline alert), got {text!r}")
+    return int(value)
+
+
 def check_rate_setting(name: str, value: Any, bounds: tuple[float, float]) -> float:
     """`value` as a float strictly between the two bounds.
 

@@ -367,10 +367,31 @@ def write_run_report(dataset: Mapping[str, Any], evaluation: Mapping[str, Any], 
                               leaderboard=list(evaluation["leaderboard"]), production=evaluation.get("production"),
                               decision={**result.get("decision", {}), "promoted": result.get("promoted"),
                                         "version": result.get("version"), "uri": result.get("uri")},
-                              config=config.to_dict())
+                              config=config.to_dict(),
+                              confusions=_confusions(config, store, run_id, evaluation.get("best")))
     paths = write_report_files(report, local_run_dir(config, run_id) / "report")
     by_file = upload_run_files(store, config, run_id, [Path(p) for p in paths.values()])
     return {name: by_file[Path(path).name] for name, path in paths.items() if Path(path).name in by_file}
+
+
+def _confusions(config: PipelineConfig, store: ObjectStore | None, run_id: str,
+                candidate: str | None) -> dict[str, Any] | None:
+    """The best candidate's confused pairs and per-class scores, from its metrics.json."""
+    if not candidate:
+        return None
+    local = local_run_dir(config, run_id) / layout.check_candidate(candidate) / layout.METRICS_FILE
+    if local.exists():
+        metrics = read_json(local)
+    elif store is not None:
+        found = store.get_with_etag(layout.candidate_key(config.storage.model_name, run_id, candidate,
+                                                         layout.METRICS_FILE))
+        metrics = json.loads(found[0]) if found else None
+    else:
+        metrics = None
+    if not isinstance(metrics, dict):
+        return None
+    return {"candidate": candidate, "confused_pairs": metrics.get("confused_pairs"),
+            "per_class": metrics.get("per_class")}
 
 
 def _run_json(config: PipelineConfig, store: ObjectStore | None, run_id: str, name: str) -> Any:

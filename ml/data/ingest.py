@@ -34,6 +34,9 @@ log = logging.getLogger(__name__)
 
 IMAGES_DIR = "images"
 UNLABELLED_DIR = "unlabelled"
+# Kaggle's sample submission (column and row order of a submission) travels with the unlabelled
+# images it lists, so snapshots carry it to every worker and promote can write submission.csv.
+SAMPLE_SUBMISSION = "sample_submission.csv"
 MAX_PROBLEMS_KEPT = 50
 # Deterministic filesystem refusals of a name (too long, not representable, a file where a
 # folder must be): retrying cannot help, so they surface as DataError.
@@ -162,6 +165,10 @@ def _ingest_into(
         staged.append((dst, label))
     for path in unlabelled:
         link_or_copy(path, tmp / UNLABELLED_DIR / path.name)
+    sample = root / SAMPLE_SUBMISSION
+    keep_sample = bool(unlabelled) and sample.is_file() and not sample.is_symlink()
+    if keep_sample:
+        link_or_copy(sample, tmp / UNLABELLED_DIR / SAMPLE_SUBMISSION)
     if staging.exists():
         shutil.rmtree(staging)  # hard links keep the data; the raw download is no longer needed
     seconds = max(time.monotonic() - t0, 1e-9)
@@ -208,6 +215,7 @@ def _ingest_into(
             "near_duplicate_groups": near.n_groups,
             "near_duplicate_images": near.n_images,
             "n_unlabelled": len(unlabelled),
+            "sample_submission": f"{UNLABELLED_DIR}/{SAMPLE_SUBMISSION}" if keep_sample else None,
             "n_problems": len(problems),
             "problems": problems[:MAX_PROBLEMS_KEPT],
         },

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ml.errors import DataError
+from ml.evaluation.confusions import confused_pairs
 from ml.io import write_atomic
 
 log = logging.getLogger(__name__)
@@ -172,7 +173,9 @@ def evaluate_predictions(
         ``log_loss`` (Kaggle's clipped and renormalised), ``macro_f1`` (over the classes that
         occur in y_true or the predictions, as sklearn's default), ``ece`` (15 bins),
         ``chance_accuracy`` (1/K), ``per_class`` ({label: {precision, recall, f1, support}}),
-        ``top_confusions`` (the 10 largest off-diagonal cells, see `top_confusions`), ``labels``,
+        ``top_confusions`` (the 10 largest off-diagonal cells, see `top_confusions`),
+        ``confused_pairs`` (the 10 most confused class pairs, row-normalised, and a suggestion when
+        one pair holds most of the errors: `ml.evaluation.confusions.confused_pairs`), ``labels``,
         and ``confusion`` (K x K list of lists, rows = true class) when K <= max_confusion_classes;
         above it ``confusion_omitted`` says why it is missing.
 
@@ -210,6 +213,8 @@ def evaluate_predictions(
             for i, label in enumerate(labels)
         },
         "top_confusions": top_confusions(matrix, labels, k=TOP_CONFUSIONS),
+        # From the full matrix whatever K: O(pairs) in size, so it stays under the confusion cap.
+        "confused_pairs": confused_pairs(matrix, labels),
         "labels": labels,
     }
     if n_classes <= max_confusion_classes:

@@ -14,9 +14,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ml.evaluation.confusions import confused_pairs, confusion_section
 from ml.evaluation.html import esc, html_page, num, pct
 from ml.evaluation.leaderboard import leaderboard_html_table
-from ml.evaluation.metrics import top_confusions
 from ml.evaluation.report import dataset_section, decision_section, quality_section
 from ml.io import to_jsonable
 
@@ -50,18 +50,6 @@ def _image_size(lineage: Mapping[str, Any], preprocessing: Mapping[str, Any] | N
         if isinstance(source, Mapping) and isinstance(source.get("image_size"), int):
             return int(source["image_size"])
     return None
-
-
-def _per_class_table(per_class: Mapping[str, Mapping[str, Any]]) -> str:
-    rows = sorted(per_class.items(), key=lambda kv: (kv[1].get("f1", 0.0), str(kv[0])))
-    body = "".join(
-        f"<tr><td>{esc(label)}</td><td class=\"num\">{esc(num(s.get('precision')))}</td>"
-        f"<td class=\"num\">{esc(num(s.get('recall')))}</td><td class=\"num\">{esc(num(s.get('f1')))}</td>"
-        f"<td class=\"num\">{esc(s.get('support', '-'))}</td></tr>"
-        for label, s in rows)
-    return (f"<details><summary>Per-class metrics ({len(rows)} classes, worst F1 first)</summary>"
-            "<table><tr><th>class</th><th>precision</th><th>recall</th><th>F1</th><th>test images</th></tr>"
-            f"{body}</table></details>")
 
 
 def render_model_card(
@@ -103,8 +91,9 @@ def render_model_card(
     per_class = metrics.get("per_class") or {}
     by_recall = sorted(per_class.items(), key=lambda kv: (kv[1].get("recall", 0.0), str(kv[0])))
     worst = by_recall[:_N_WORST_CLASSES]
-    confusions = top_confusions(metrics["confusion"], list(labels), k=10) \
-        if metrics.get("confusion") and len(metrics["confusion"]) == n_classes else []
+    confusions = metrics.get("confused_pairs")
+    if confusions is None and metrics.get("confusion") and len(metrics["confusion"]) == n_classes:
+        confusions = confused_pairs(metrics["confusion"], list(labels))  # metrics.json of an older release
 
     summary = (
         f"<p><strong>{esc(model_name)}</strong> version <code>{esc(version)}</code>, trained as candidate "
@@ -142,15 +131,6 @@ def render_model_card(
             ("chance accuracy (1/K)", pct(metrics.get("chance_accuracy"))),
             ("test images", metrics.get("n", "-")),
         ))
-    confusion_list = ""
-    if confusions:
-        confusion_list = ("<h3>Most frequent confusions</h3><table><tr><th>true</th><th>predicted as</th>"
-                          "<th>images</th><th>share of true class</th></tr>" + "".join(
-                              f"<tr><td>{esc(c['true'])}</td><td>{esc(c['predicted'])}</td>"
-                              f"<td class=\"num\">{esc(c['count'])}</td>"
-                              f"<td class=\"num\">{esc(pct(c['fraction_of_true']))}</td></tr>"
-                              for c in confusions) + "</table>")
-
     figures = []
     for kind, path in (images or {}).items():
         uri = _embed_png(Path(path))
@@ -176,8 +156,7 @@ def render_model_card(
         "<h2>Data</h2>", dataset_section(dataset),
         "<h3>Data quality</h3>", quality_section(quality),
         "<h2>Metrics on the test split</h2>", f"<table>{metrics_table}</table>",
-        _per_class_table(per_class) if per_class else "",
-        confusion_list,
+        "<h3>Confused classes</h3>", confusion_section(confusions, per_class),
         "<h2>Leaderboard of this run</h2>", leaderboard_html_table(leaderboard),
         "<h2>Gate decision</h2>", decision_section(decision),
         "<h2>Figures</h2>", "<div class=\"figures\">" + "".join(figures) + "</div>" if figures

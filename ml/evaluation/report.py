@@ -22,6 +22,7 @@ from urllib.parse import quote
 import numpy as np
 
 from ml.errors import ConfigError, DataError
+from ml.evaluation.confusions import confusion_section
 from ml.evaluation.html import esc, html_page, num, pct
 from ml.evaluation.leaderboard import best_candidate, leaderboard_html_table, production_row
 from ml.io import to_jsonable, write_atomic
@@ -144,6 +145,7 @@ def build_run_report(
     production: Mapping[str, Any] | None,
     decision: Mapping[str, Any] | None,
     config: Mapping[str, Any],
+    confusions: Mapping[str, Any] | None = None,
 ) -> dict:
     """Assemble the run report as a JSON-serialisable dict.
 
@@ -156,6 +158,8 @@ def build_run_report(
         production: the production model's record and its metrics on the same test split, or None.
         decision: the gate's decision (``promote``, ``reasons``...) or None when not gated yet.
         config: ``PipelineConfig.to_dict()``; credential-looking keys are redacted.
+        confusions: the best candidate's ``{candidate, confused_pairs, per_class}`` (from its
+            metrics.json), or None.
     """
     rows = [dict(row) for row in leaderboard]
     for row in rows:
@@ -184,6 +188,7 @@ def build_run_report(
         "production": None if production is None else dict(production),
         "decision": None if decision is None else dict(decision),
         "config": redact(dict(config)),
+        "confusions": None if confusions is None else dict(confusions),
     }
     return to_jsonable(report)
 
@@ -316,6 +321,15 @@ def _production_section(production: Mapping[str, Any] | None, best: Mapping[str,
     return text + "</p>"
 
 
+def _confusions_html(confusions: Any) -> str:
+    if not isinstance(confusions, Mapping):
+        return "<p class=\"muted\">No confusion analysis (no candidate was scored).</p>"
+    summary, per_class = confusions.get("confused_pairs"), confusions.get("per_class")
+    return confusion_section(summary if isinstance(summary, Mapping) else None,
+                             per_class if isinstance(per_class, Mapping) else None,
+                             candidate=confusions.get("candidate"))
+
+
 def render_run_report_html(report: Mapping[str, Any]) -> str:
     """The run report as one self-contained HTML page (figures linked by relative path)."""
     rows = report.get("leaderboard") or []
@@ -350,6 +364,7 @@ def render_run_report_html(report: Mapping[str, Any]) -> str:
         "<h2>Data quality</h2>", quality_section(report.get("quality")),
         "<h2>Leaderboard</h2>", leaderboard_html_table(rows, production=report.get("production")),
         "<h2>Production model</h2>", _production_section(report.get("production"), best),
+        "<h2>Confused classes</h2>", _confusions_html(report.get("confusions")),
         "<h2>Candidate figures</h2>",
         "\n".join(figures) or "<p class=\"muted\">No figures (no candidate finished).</p>",
         "<h2>Configuration</h2>",

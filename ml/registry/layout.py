@@ -143,7 +143,8 @@ def check_relative_path(rel: object, what: str) -> PurePosixPath:
 CANDIDATE_FILES = ("model.keras", "labels.json", "preprocessing.json", "history.csv")
 CANDIDATE_MARKER = "train_summary.json"
 # What evaluation adds to a candidate folder (metrics.json last).
-EVAL_FILES = ("confusion.png", "confusion.csv", "curves.png", "predictions.npz", "metrics.json")
+METRICS_FILE = "metrics.json"
+EVAL_FILES = ("confusion.png", "confusion.csv", "curves.png", "predictions.npz", METRICS_FILE)
 TENSORBOARD_DIR = "tensorboard"
 # Run-level files and folders.
 QUALITY_DIR = "quality"
@@ -156,6 +157,7 @@ REPORT_FILE = "report.json"
 # A version folder: COMPLETE is written last and is what makes a version exist.
 MODEL_FILE = "model.keras"
 VERSION_FILE = "version.json"
+SUBMISSION_FILE = "submission.csv"  # Kaggle-competition datasets only: the version's predictions of test/
 COMPLETE_MARKER = "COMPLETE"
 # The promotion log's key prefix: lexicographic order = chronological order.
 LOG_TIME_FORMAT = "%Y%m%dT%H%M%S.%fZ"

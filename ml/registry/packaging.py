@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
@@ -57,6 +58,25 @@ def lineage(version: str, candidate: str, run_id: str, dataset: Mapping[str, Any
     }
 
 
+def kaggle_submission(cand_dir: Path, dataset_dir: Path, stage: Path) -> dict[str, Any] | None:
+    """``submission.csv`` for a Kaggle-competition dataset (sample-submission columns and rows), else None."""
+    from ml.serving.predictor import load_local
+    from ml.serving.submission import competition_sample, write_submission
+
+    sample = competition_sample(dataset_dir)
+    if sample is None:
+        log.info("promote: the dataset has no Kaggle test set (unlabelled images + sample_submission.csv): "
+                 "no %s", layout.SUBMISSION_FILE)
+        return None
+    started = time.monotonic()
+    result = write_submission(load_local(cand_dir), dataset_dir, stage / layout.SUBMISSION_FILE,
+                              sample_submission=sample)
+    result["seconds"] = round(time.monotonic() - started, 2)
+    log.info("promote: submission.csv with %d rows x %d classes in %.1f s (upload it to the competition)",
+             result["rows"], result["classes"], result["seconds"])
+    return result
+
+
 def publish_challenger(version: str, dataset: Mapping[str, Any], dataset_dir: Path, evaluation: Mapping[str, Any],
                        decision: Mapping[str, Any], config: PipelineConfig, store: ObjectStore, run_id: str, *,
                        quality: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -98,6 +118,9 @@ def publish_challenger(version: str, dataset: Mapping[str, Any], dataset_dir: Pa
     exports = build_exports(cand_dir / "model.keras", stage / "exports", golden_images=golden)
     checked = verify_exports(exports, model_path=cand_dir / "model.keras")["checked"]
     files.update(exports)
+    submission = kaggle_submission(cand_dir, dataset_dir, stage)
+    if submission is not None:
+        files[layout.SUBMISSION_FILE] = Path(submission["path"])
     export_info = {name: {"bytes": path.stat().st_size,
                           "max_abs_diff": checked[name]["max_abs_diff"] if name in checked else None}
                    for name, path in exports.items()}
@@ -106,5 +129,7 @@ def publish_challenger(version: str, dataset: Mapping[str, Any], dataset_dir: Pa
     scores = score_fields(metrics)
     info = publish_version(store, config.storage.model_name, version, files,
                            {"candidate": candidate, "run_id": run_id, "metrics": scores, "labels": labels,
-                            "dataset_hash": dataset["dataset_hash"], "exports": export_info})
+                            "dataset_hash": dataset["dataset_hash"], "exports": export_info,
+                            "submission": None if submission is None else
+                            {k: submission[k] for k in ("rows", "classes", "undecodable", "seconds")}})
     return {"uri": info["uri"], "sha256": info["sha256"], "metrics": scores, "labels": labels}

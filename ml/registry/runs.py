@@ -161,6 +161,26 @@ def record_failure(config: PipelineConfig, store: ObjectStore | None, run_id: st
     """
     first_line = (str(error).strip().splitlines() or [type(error).__name__])[0] if error else "unknown error"
     line = f"task {task_id} [{label}] failed: {type(error).__name__ if error else 'Error'}: {first_line}"
+    _write_failure(config, store, run_id, task_id, label, line)
+
+
+def record_late_run(config: PipelineConfig, store: ObjectStore | None, run_id: str, *, max_run_minutes: int,
+                    deadline: Any) -> None:
+    """Record that a run is still going at its deadline, as a failure record (same folder, same shape).
+
+    Called from the DAG's deadline-alert callback; never raises, like `record_failure`.
+    """
+    line = (f"run {run_id} missed its deadline {deadline}: still running after its maximum run time of "
+            f"{max_run_minutes} min (ML_MAX_RUN_MINUTES)")
+    _write_failure(config, store, run_id, LATE_RUN_TASK, "deadline", line)
+
+
+# The failure records of a late run carry this in place of a task id.
+LATE_RUN_TASK = "dag_run"
+
+
+def _write_failure(config: PipelineConfig, store: ObjectStore | None, run_id: str, task_id: str, label: Any,
+                   line: str) -> None:
     log.error("%s", line)
     try:
         name = _failure_file_name(task_id, label)

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 UNLABELLED_DIR = "unlabelled"  # ml.data.ingest.UNLABELLED_DIR
-SAMPLE_FILE = "sample_submission.csv"
+SAMPLE_FILE = "sample_submission.csv"  # ml.data.ingest.SAMPLE_SUBMISSION, kept under unlabelled/
 ID_COLUMN = "id"
 _IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 
@@ -119,6 +119,17 @@ def _unlabelled_images(dataset_dir: Path) -> dict[str, Path]:
     if not images:
         raise DataError(f"{folder} holds no images to predict")
     return images
+
+
+def competition_sample(dataset_dir: str | Path) -> Path | None:
+    """The sample_submission.csv of a Kaggle-competition dataset (unlabelled images + sample), or None.
+
+    What the promote step checks before it writes a version's submission.csv.
+    """
+    dataset_dir = Path(dataset_dir)
+    if not (dataset_dir / UNLABELLED_DIR).is_dir():
+        return None
+    return _find_sample(dataset_dir)
 
 
 def _find_sample(dataset_dir: Path) -> Path | None:

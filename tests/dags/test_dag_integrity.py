@@ -121,3 +121,76 @@ print(json.dumps({{"kind": kind, "none": type(timetable).__name__ == "NullTimeta
         assert result["kind"] == "asset"
     else:
         assert expected in str(result["kind"])
+
+
+def test_deadline_alert_records_a_late_run_after_the_default_maximum_run_time(dagbag):
+    from airflow.sdk import DeadlineReference
+    from airflow.serialization.serialized_objects import DagSerialization
+
+    from ml.config import DEFAULT_MAX_RUN_MINUTES
+
+    dag = dagbag.dags[DAG_ID]
+
+    assert len(dag.deadline) == 1
+    alert = dag.deadline[0]
+    assert alert.reference == DeadlineReference.DAGRUN_QUEUED_AT
+    assert alert.interval == timedelta(minutes=DEFAULT_MAX_RUN_MINUTES)
+    assert alert.callback.path == "_shared.alerts.record_late_run"
+    assert alert.callback.kwargs == {"max_run_minutes": DEFAULT_MAX_RUN_MINUTES}
+    # What the scheduler gets: the alert survives serialization.
+    assert "_shared.alerts.record_late_run" in json.dumps(DagSerialization.to_dict(dag), default=str)
+
+
+def test_the_scheduler_finds_the_deadline_alert_in_the_database(dagbag):
+    """What the scheduler reads: the DAG from the database, its alert by id (dag.test() cannot show this)."""
+    from airflow.dag_processing.bundles.manager import DagBundlesManager
+    from airflow.dag_processing.dagbag import sync_bag_to_db
+    from airflow.models.deadline_alert import DeadlineAlert as DeadlineAlertModel
+    from airflow.models.serialized_dag import SerializedDagModel
+    from airflow.sdk.definitions.deadline import DagRunQueuedAtDeadline
+    from airflow.utils.session import create_session
+
+    from ml.config import DEFAULT_MAX_RUN_MINUTES
+
+    with create_session() as session:
+        DagBundlesManager().sync_bundles_to_db(session=session)
+    sync_bag_to_db(dagbag, "dags-folder", None)  # as the dag-processor stores it
+    with create_session() as session:
+        dag = SerializedDagModel.get_dag(DAG_ID, session=session)
+        alerts = [DeadlineAlertModel.get_by_id(alert_id, session=session) for alert_id in dag.deadline]
+
+        assert [a.name for a in alerts] == ["max_run_time"]
+        assert alerts[0].reference_class.__name__ == DagRunQueuedAtDeadline.__name__
+        assert alerts[0].interval.get("__data__") == DEFAULT_MAX_RUN_MINUTES * 60
+        assert "_shared.alerts.record_late_run" in json.dumps(alerts[0].callback_def)
+
+
+_DEADLINE_PROBE = """
+import json, os, runpy
+os.environ["ML_MAX_RUN_MINUTES"] = {value!r}
+dag = runpy.run_path({path!r})["image_classifier_retraining"]()
+print(json.dumps([[a.interval.total_seconds(), a.callback.kwargs] for a in dag.deadline or []]))
+"""
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    ("17", [[17 * 60.0, {"max_run_minutes": 17}]]), (" 1440 ", [[1440 * 60.0, {"max_run_minutes": 1440}]]),
+    ("none", [])])
+def test_deadline_interval_comes_from_the_environment(value, expected):
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'dags'}"}
+    out = subprocess.run([sys.executable, "-c", _DEADLINE_PROBE.format(value=value, path=str(DAG_FILE))],
+                         capture_output=True, text=True, env=env)
+
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == expected
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "90m", "1.5", "100000"])
+def test_a_bad_maximum_run_time_fails_the_dag_import_naming_the_variable(value):
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'dags'}"}
+    out = subprocess.run([sys.executable, "-c", _DEADLINE_PROBE.format(value=value, path=str(DAG_FILE))],
+                         capture_output=True, text=True, env=env)
+
+    assert out.returncode != 0
+    assert "ConfigError: ML_MAX_RUN_MINUTES must be a whole number of minutes in [1, 10080]" in out.stderr
+    assert repr(value) in out.stderr

@@ -50,3 +50,24 @@ def test_failure_file_names_of_different_tasks_never_collide():
 
     assert len(names) == 4
     assert all(layout.is_name(n) for n in names)
+
+
+def test_a_late_run_is_recorded_like_a_failed_task(dag_module, store):
+    from _shared.alerts import record_late_run
+
+    run_id = "scheduled__2026-11-23T00:00:00+00:00"
+    ti = SimpleNamespace(task_id="training.train", map_index=0, rendered_map_index="scratch_small")
+    dag_module._on_failure({"task_instance": ti, "run_id": run_id, "params": {}, "exception": ValueError("boom")})
+    # What Airflow passes a deadline callback: the run as the REST API shows it, and the deadline.
+    context = {"dag_run": {"dag_id": "image_classifier_retraining", "run_id": run_id, "conf": {}},
+               "deadline": {"id": "0199", "deadline_time": "2026-11-23T08:00:00+00:00"}}
+
+    record_late_run(context=context, max_run_minutes=480)
+
+    entries = [store.get_json(k) for k in store.list_keys(layout.run_key(MODEL, run_id, layout.FAILURES_DIR) + "/")]
+    assert len(entries) == 2
+    late = next(e for e in entries if e["task_id"] == "dag_run")
+    task = next(e for e in entries if e["task_id"] == "training.train")
+    assert set(late) == set(task)  # the same kind of record as a failed task's
+    assert late["error"] == (f"run {run_id} missed its deadline 2026-11-23T08:00:00+00:00: still running after "
+                             "its maximum run time of 480 min (ML_MAX_RUN_MINUTES)")

@@ -46,6 +46,7 @@ def test_first_run_promotes_then_worse_challenger_keeps_production(pipeline_env,
     for name in ("COMPLETE", "model.keras", "labels.json", "preprocessing.json", "metrics.json", "lineage.json",
                  "model_card.html", "saved_model.zip", "golden.npz", "dataset_profile.json"):
         assert f"{MODEL}/versions/{pointer['version']}/{name}" in version_files, name
+    _check_submission(store, pointer["version"], sample)
     report = store.get_json(f"{MODEL}/runs/{_safe(first.run_id)}/report.json")
     names = {row["candidate"] for row in report["leaderboard"]}
     assert {"scratch_small", "transfer_mobilenet_v2", "finetune_mobilenet_v2"} <= names
@@ -78,6 +79,22 @@ def test_first_run_promotes_then_worse_challenger_keeps_production(pipeline_env,
     from ml.registry.versions import promotion_history
 
     assert [entry["action"] for entry in promotion_history(store, MODEL)] == ["promote", "keep"]
+
+
+def _check_submission(store, version: str, sample) -> None:
+    """A Kaggle-layout source: the version carries submission.csv in the sample's column and row order."""
+    import csv
+    import io
+
+    text = store.get_bytes(f"{MODEL}/versions/{version}/submission.csv").decode("utf-8")
+    rows = list(csv.reader(io.StringIO(text)))
+    expected = list(csv.reader((sample / "sample_submission.csv").open(encoding="utf-8")))
+    assert rows[0] == expected[0]
+    assert [r[0] for r in rows[1:]] == [r[0] for r in expected[1:]]
+    for row in rows[1:]:
+        assert abs(sum(float(p) for p in row[1:]) - 1.0) < 1e-4, row
+    info = store.get_json(f"{MODEL}/versions/{version}/version.json")
+    assert info["metadata"]["submission"]["rows"] == len(expected) - 1 and "submission.csv" in info["files"]
 
 
 def test_same_data_again_skips_training(pipeline_env, sample):

@@ -123,3 +123,22 @@ def test_plots_were_drawn(pipeline_env, hostile_run) -> None:
         assert data.startswith(PNG_MAGIC) and len(data) > 5_000, name
     metrics = json.loads(store.get_bytes(f"{prefix}/metrics.json"))
     assert sorted(metrics["per_class"]) == sorted(HOSTILE)
+
+
+def test_report_and_model_card_list_confused_classes(pipeline_env, hostile_run) -> None:
+    """Through the DAG: the best candidate's confused pairs and per-class precision/recall are shown."""
+    store = pipeline_env["store"]
+    report = store.get_json(f"{MODEL}/runs/{_safe(hostile_run.run_id)}/report.json")
+    pointer = store.get_json(f"{MODEL}/production.json")
+    card = store.get_bytes(f"{MODEL}/versions/{pointer['version']}/model_card.html").decode("utf-8")
+    page = store.get_bytes(f"{MODEL}/runs/{_safe(hostile_run.run_id)}/report.html").decode("utf-8")
+
+    confusions = report["confusions"]
+    assert confusions["candidate"] == "scratch_tiny"
+    assert sorted(confusions["per_class"]) == sorted(HOSTILE)
+    assert {"n_errors", "pairs", "suggestion"} <= set(confusions["confused_pairs"])
+    for pair in confusions["confused_pairs"]["pairs"]:
+        assert {pair["a"], pair["b"]} <= set(HOSTILE)
+    assert "<h2>Confused classes</h2>" in page and "<h3>Confused classes</h3>" in card
+    for text in (page, card):
+        assert "Per-class precision and recall (5 classes" in text

@@ -70,7 +70,8 @@ def test_local_folder_is_published_by_content_hash(sample: Path, tmp_path: Path)
     assert dataset_hash(manifest) == out["dataset_hash"]
     assert out["layout"] == "kaggle" and out["n_images"] == 18 and out["n_ok"] == 18
     assert out["counts"] == {label: 6 for label in out["labels"]}
-    assert out["extra"]["n_unlabelled"] == 2 and len(list((dataset_dir / "unlabelled").iterdir())) == 2
+    assert out["extra"]["n_unlabelled"] == 2
+    assert sorted(p.suffix for p in (dataset_dir / "unlabelled").iterdir()) == [".csv", ".jpg", ".jpg"]
     assert all((dataset_dir / p).is_file() and p.startswith("images/train/") for p in manifest["path"])
     assert set(manifest["split"]) == {"train", "val", "test"}
     assert all(
@@ -389,3 +390,31 @@ def test_every_download_and_extraction_logs_one_line_with_its_size(
         ("ml.data.sources", f"fetched 1 objects ({zipped_mb}) from s3://data/zips/"),
         ("ml.data.extract", f"extracted {n_files} files ({unpacked_mb}) from ds.zip"),
     ]
+
+
+def test_a_kaggle_competition_keeps_its_sample_submission_with_the_test_images(
+    sample: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ml.serving.submission import competition_sample
+
+    monkeypatch.setattr(kaggle_mod, "api_factory", lambda: FakeKaggleApi(zip_folder(sample, tmp_path / "c.zip")))
+
+    out = ingest("kaggle:competitions/dog-breed-identification", tmp_path / "w", CONFIG,
+                 kaggle_credentials=("alice", SECRET))
+
+    dataset_dir = Path(out["dataset_dir"])
+    kept = dataset_dir / "unlabelled" / "sample_submission.csv"
+    assert kept.read_bytes() == (sample / "sample_submission.csv").read_bytes()
+    assert out["extra"]["sample_submission"] == "unlabelled/sample_submission.csv"
+    assert competition_sample(dataset_dir) == kept
+
+
+def test_a_dataset_without_a_test_set_has_no_sample_submission(tmp_path: Path) -> None:
+    from ml.serving.submission import competition_sample
+
+    make_sample_dataset(tmp_path / "src", classes=2, per_class=6, size=32, seed=2, layout="folders")
+
+    out = ingest(str(tmp_path / "src"), tmp_path / "w", CONFIG)
+
+    assert out["extra"]["sample_submission"] is None
+    assert competition_sample(Path(out["dataset_dir"])) is None

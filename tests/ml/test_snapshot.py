@@ -57,6 +57,11 @@ def test_a_fresh_worker_materialises_the_published_dataset_by_hash(store, datase
     keys = store.list_keys(layout.dataset_prefix(MODEL, digest))
     assert layout.dataset_key(MODEL, digest, "COMPLETE") in keys
     assert sum(k.endswith(".tar") for k in keys) == published["packs"] == 1  # a few large objects
+    # Kaggle's test set travels too: what promote needs to write submission.csv on any worker.
+    from ml.serving.submission import competition_sample
+
+    sample = competition_sample(folder)
+    assert sample is not None and sample.read_bytes() == (dataset / "unlabelled" / "sample_submission.csv").read_bytes()
 
 
 def test_publishing_twice_reuses_the_snapshot(store, dataset: Path) -> None:
