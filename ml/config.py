@@ -189,6 +189,9 @@ class TrainConfig:
 
     candidates: tuple[str, ...] = ("scratch_small", "transfer_mobilenet_v2")
     epochs: int = 8
+    # Epoch budget of a transfer head trained on cached features (bottlenecks or the bank): an
+    # epoch costs milliseconds there, so it trains until early stopping ends it, not for `epochs`.
+    head_epochs: int = 200
     image_size: int = 96
     batch_size: int = 32
     learning_rate: float = 1e-3
@@ -215,7 +218,8 @@ class TrainConfig:
         for name in self.candidate_options:
             _check_registry_name(name, "train.candidate_options")
         for name, bounds in (("epochs", EPOCHS_RANGE), ("image_size", IMAGE_SIZE_RANGE),
-                             ("batch_size", BATCH_SIZE_RANGE), ("finetune_epochs", EPOCHS_RANGE)):
+                             ("batch_size", BATCH_SIZE_RANGE), ("finetune_epochs", EPOCHS_RANGE),
+                             ("head_epochs", EPOCHS_RANGE)):
             object.__setattr__(self, name, check_int_setting(f"train.{name}", getattr(self, name), bounds))
         object.__setattr__(self, "learning_rate",
                            check_rate_setting("train.learning_rate", self.learning_rate, LEARNING_RATE_RANGE))
