@@ -27,7 +27,9 @@ TENSORBOARD_DIR = "tensorboard"
 WARMUP_EPOCHS = 3  # epochs before early stopping may act
 
 
-def make_callbacks(staging: Path, out_dir: Path, patience: int, has_val: bool) -> list[keras.callbacks.Callback]:
+def make_callbacks(
+    staging: Path, out_dir: Path, patience: int, has_val: bool, *, warmup_epochs: int = WARMUP_EPOCHS
+) -> list[keras.callbacks.Callback]:
     """Early stopping (best weights restored), LR decay on plateaus, CSV history, checkpoint, TensorBoard.
 
     Args:
@@ -37,6 +39,7 @@ def make_callbacks(staging: Path, out_dir: Path, patience: int, has_val: bool) -
         patience: Epochs without improvement before stopping (at least 1); the LR halves after
             half of it (at least 3).
         has_val: Watch ``val_loss`` (True) or the training ``loss``.
+        warmup_epochs: Epochs before early stopping may act (0 for a fine-tune: it starts trained).
     """
     import keras
 
@@ -45,7 +48,7 @@ def make_callbacks(staging: Path, out_dir: Path, patience: int, has_val: bool) -
     shutil.rmtree(tensorboard, ignore_errors=True)
     callbacks = [
         keras.callbacks.EarlyStopping(
-            monitor=monitor, patience=max(1, patience), restore_best_weights=True, start_from_epoch=WARMUP_EPOCHS
+            monitor=monitor, patience=max(1, patience), restore_best_weights=True, start_from_epoch=warmup_epochs
         ),
         keras.callbacks.ReduceLROnPlateau(
             monitor=monitor, factor=0.5, patience=max(3, patience // 2), cooldown=1, min_lr=1e-6
