@@ -29,13 +29,21 @@ if __package__ in (None, ""):
 
 from benchmarks.common import RESULTS_DIR, Result, Settings, log, machine_info  # noqa: E402
 
-BENCHMARKS = ("cache", "bottleneck", "pipeline", "memory", "animals3", "snapshot")
+BENCHMARKS = ("cache", "bottleneck", "pipeline", "memory", "animals3", "bank", "snapshot")
 DEFAULT_IMAGES, QUICK_IMAGES = 2000, 240
 DEFAULT_MEMORY_IMAGES, QUICK_MEMORY_IMAGES = 5000, 400
 
 
 def _run_one(name: str, settings: Settings) -> list[Result]:
-    from benchmarks import bench_animals, bench_bottleneck, bench_cache, bench_memory, bench_pipeline, bench_snapshot
+    from benchmarks import (
+        bench_animals,
+        bench_bank,
+        bench_bottleneck,
+        bench_cache,
+        bench_memory,
+        bench_pipeline,
+        bench_snapshot,
+    )
 
     runners = {
         "cache": bench_cache.run,
@@ -43,6 +51,7 @@ def _run_one(name: str, settings: Settings) -> list[Result]:
         "pipeline": bench_pipeline.run,
         "memory": bench_memory.run,
         "animals3": bench_animals.run,
+        "bank": bench_bank.run,  # rows bottleneck_augmented and head_vs_logreg
         "snapshot": bench_snapshot.run,
     }
     out = runners[name](settings)

@@ -84,7 +84,7 @@ def train_candidate(
     cache = build_image_cache(dataset_dir, settings.image_size, cache_root)
     data = TrainData.from_cache(cache, settings.class_weight_threshold)
     out_dir = Path(out_dir)
-    extra: dict[str, Any] = {"bottleneck": None, "weights": None, "weights_id": None}
+    extra: dict[str, Any] = {"bottleneck": None, "weights": None, "weights_id": None, "frozen_phase_s": None}
 
     with staging_dir(out_dir) as staging:
         callbacks = make_callbacks(staging, out_dir, settings.early_stopping_patience, data.has_val)
@@ -110,6 +110,7 @@ def train_candidate(
                     spec.name, data.num_classes, settings.image_size, options=settings.transfer, weights=resolved
                 )
                 compile_model(model, settings.learning_rate, settings.label_smoothing)
+            frozen_started = time.monotonic()
             if settings.head_on_features is not None:
                 history, val, extra["bottleneck"] = fit_on_bottlenecks(
                     model, data, settings, callbacks, cache_root=Path(cache_root), weights_id=extra["weights_id"],
@@ -119,6 +120,8 @@ def train_candidate(
                 log.info("%s: frozen phase through the backbone (frozen_phase=backbone), augmented, %d epochs",
                          settings.candidate, settings.epochs)
                 history, val = fit_model(model, data, settings, callbacks)
+            # Feature extraction (on a cache miss) + the head's fit, or the fit through the backbone.
+            extra["frozen_phase_s"] = round(time.monotonic() - frozen_started, 2)
         return finish_candidate(
             model, staging, out_dir, settings, data=data, history=history, val=val, started=started,
             hardware=hardware, extra=extra,
