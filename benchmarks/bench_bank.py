@@ -73,9 +73,14 @@ class _animals3:
 
 
 def train_and_score(
-    dataset_dir: Path, tmp: Path, weights: Path, seed: int, phase: str, options: dict[str, Any]
+    dataset_dir: Path, tmp: Path, weights: Path, seed: int, phase: str, options: dict[str, Any],
+    *, cache_key: str | None = None,
 ) -> dict[str, Any]:
-    """Train transfer_mobilenet (augmentation on) with `frozen_phase` = `phase`; its test accuracy and timings."""
+    """Train transfer_mobilenet (augmentation on) with `frozen_phase` = `phase`; its test accuracy and timings.
+
+    Each run gets a fresh cache root (so the features are computed and timed) unless runs share a
+    `cache_key` (the sweep's learning rates: one bank, several heads).
+    """
     from ml.config import TrainConfig
     from ml.evaluation.metrics import evaluate_predictions
     from ml.training.fit import train_candidate
@@ -87,7 +92,7 @@ def train_and_score(
         candidates=(candidate,), image_size=TRANSFER_SIZE, weights=str(weights), seed=seed,
         candidate_options={candidate: {"alpha": ALPHA, "frozen_phase": phase, **options}},
     )
-    cache_root, out = tmp / "cache" / key, tmp / "candidates" / key
+    cache_root, out = tmp / "cache" / (cache_key or key), tmp / "candidates" / key
     started = time.perf_counter()
     summary = train_candidate(dataset_dir, candidate, out, config, cache_root=cache_root)
     y_true, probs, labels = predict_split(out / "model.keras", dataset_dir, "test", cache_root=cache_root)
@@ -189,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
         for views in (int(v) for v in args.views.split(",")):
             for rate in rates:
                 options: dict[str, Any] = {"bank_views": views, **({"learning_rate": rate} if rate else {})}
-                result = train_and_score(dataset_dir, tmp, weights, args.seed, "bank", options)
+                result = train_and_score(dataset_dir, tmp, weights, args.seed, "bank", options,
+                                         cache_key=f"views{views}")
                 result["logreg"] = logreg_accuracy(dataset_dir, Path(result["cache_root"]), result["features_path"],
                                                    args.seed)
                 print("BANK_SWEEP " + json.dumps(result), flush=True)
