@@ -164,9 +164,13 @@ def test_bank_settings_are_part_of_the_candidate_settings() -> None:
     default = settings({})
     assert (default.frozen_phase, default.bank_views, default.head_on_features) == ("bank", DEFAULT_BANK_VIEWS, "bank")
     assert default.epochs == TrainConfig().head_epochs  # a head on features trains to early stopping
+    assert default.learning_rate == TrainConfig().head_learning_rate
+    assert settings({"augment": False}).learning_rate == TrainConfig().head_learning_rate
+    assert settings({"learning_rate": 0.02}).learning_rate == 0.02
     assert settings({"augment": False}).head_on_features == "bottlenecks"
     through = settings({"frozen_phase": "backbone", "epochs": 4})
     assert through.head_on_features is None and through.epochs == 4
+    assert through.learning_rate == TrainConfig().learning_rate
     assert settings({"frozen_phase": "backbone"}).epochs == TrainConfig().epochs
     assert settings({"bank_views": 9}).bank_views == 9
     assert dataclasses.replace(default, kind="finetune").head_on_features is None
