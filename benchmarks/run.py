@@ -29,7 +29,7 @@ if __package__ in (None, ""):
 
 from benchmarks.common import RESULTS_DIR, Result, Settings, log, machine_info  # noqa: E402
 
-BENCHMARKS = ("cache", "bottleneck", "pipeline", "memory", "animals3", "snapshot", "checkpoint")
+BENCHMARKS = ("cache", "bottleneck", "pipeline", "memory", "animals3", "bank", "snapshot", "checkpoint")
 DEFAULT_IMAGES, QUICK_IMAGES = 2000, 240
 DEFAULT_MEMORY_IMAGES, QUICK_MEMORY_IMAGES = 5000, 400
 
@@ -37,6 +37,7 @@ DEFAULT_MEMORY_IMAGES, QUICK_MEMORY_IMAGES = 5000, 400
 def _run_one(name: str, settings: Settings) -> list[Result]:
     from benchmarks import (
         bench_animals,
+        bench_bank,
         bench_bottleneck,
         bench_cache,
         bench_checkpoint,
@@ -51,6 +52,7 @@ def _run_one(name: str, settings: Settings) -> list[Result]:
         "pipeline": bench_pipeline.run,
         "memory": bench_memory.run,
         "animals3": bench_animals.run,
+        "bank": bench_bank.run,  # rows bottleneck_augmented and head_vs_logreg
         "snapshot": bench_snapshot.run,
         "checkpoint": bench_checkpoint.run,
     }

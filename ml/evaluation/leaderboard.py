@@ -46,6 +46,7 @@ _COLUMNS: list[tuple[str, str, str]] = [
     ("MB", "model_bytes", "mb"),
     ("params", "params", "count"),
     ("latency ms", "latency_ms", "f1"),
+    ("vs parent", "vs_parent_points", "signed"),
 ]
 
 
@@ -104,12 +105,34 @@ def build_leaderboard(entries: Sequence[Mapping[str, Any]], *, metric: str = "ac
     for row in unrankable:
         row["rank"] = None
     rows = rankable + unrankable
+    _compare_with_parents(rows, metric)
     if rows:
         scores = (_number(row.get(metric)) for row in rows)
         log.info("leaderboard by %s: %s", metric, ", ".join(
             f"{row['candidate']}={score if score is not None else row['status']}"
             for row, score in zip(rows, scores, strict=True)))
     return rows
+
+
+def _compare_with_parents(rows: list[dict], metric: str) -> None:
+    """Give each row whose ``parent`` is also on the board ``vs_parent_points``: its `metric` minus the parent's.
+
+    In points (x100) for the fractions (accuracy, F1), as is for losses; negative = worse than the
+    parent when higher is better. ``worse_than_parent`` says it in the metric's own direction.
+    """
+    by_name = {row["candidate"]: row for row in rows}
+    scale = 100.0 if metric in ("accuracy", "top5_accuracy", "macro_f1") else 1.0
+    for row in rows:
+        parent = by_name.get(row.get("parent"))
+        mine = _number(row.get(metric))
+        theirs = _number(parent.get(metric)) if parent is not None else None
+        if mine is None or theirs is None:
+            continue
+        row["vs_parent_points"] = (mine - theirs) * scale
+        row["worse_than_parent"] = mine < theirs if HIGHER_IS_BETTER[metric] else mine > theirs
+        if row["worse_than_parent"]:
+            log.warning("%s is worse than its parent %s on test %s (%.4f vs %.4f); both stay on the board",
+                        row["candidate"], parent["candidate"], metric, mine, theirs)
 
 
 def best_candidate(rows: Sequence[Mapping[str, Any]]) -> dict | None:
@@ -170,6 +193,8 @@ def _format(value: Any, kind: str) -> str:
         return "-"
     if kind == "pct":
         return f"{number * 100:.1f}"
+    if kind == "signed":
+        return f"{number:+.1f}"
     if kind == "f3":
         return f"{number:.3f}"
     if kind == "f1":
@@ -270,7 +295,8 @@ def leaderboard_html_table(
         lines.append(f"<tr class=\"production\">{''.join(cells)}</tr>")
     lines.append("</tbody></table>")
     lines.append("<p class=\"muted\">acc, top5 and F1 in %; MB = 10<sup>6</sup> bytes; latency is the median "
-                 "single-image prediction time. Green: best eligible candidate.</p>")
+                 "single-image prediction time; vs parent = a fine-tuned candidate's score minus its parent's "
+                 "(points of the ranking metric). Green: best eligible candidate.</p>")
     return "\n".join(lines)
 
 

@@ -24,7 +24,9 @@ log = logging.getLogger(__name__)
 # The leaderboard's score columns (from metrics.json) and cost columns (from train_summary.json).
 SCORE_FIELDS = ("accuracy", "top5_accuracy", "log_loss", "macro_f1", "ece", "n", "latency_ms", "model_bytes")
 COST_FIELDS = {"train_wall_time_s": "wall_time_s", "peak_rss_mb": "peak_rss_mb", "params": "params",
-               "val_accuracy": "val_accuracy", "architecture": "architecture", "weights": "weights"}
+               "val_accuracy": "val_accuracy", "architecture": "architecture", "weights": "weights",
+               # A fine-tuned candidate's parent and its validation comparison (ml.training.finetune).
+               "parent": "parent", "vs_parent_val": "vs_parent"}
 
 
 def score_fields(metrics: Mapping[str, Any]) -> dict[str, Any]:

@@ -154,6 +154,8 @@ class ScratchSpec:
 # Options any candidate accepts (applied by training, not the model builder).
 TRAINING_OPTION_KEYS = ("augment", "augmentation", "batch_size", "epochs", "learning_rate", "image_size")
 TRANSFER_OPTION_KEYS = ("alpha", "dropout", "head_units")
+# How a transfer candidate's frozen phase trains with augmentation on (ml.training.bank).
+FROZEN_PHASE_OPTION_KEYS = ("frozen_phase", "bank_views")
 
 _ARCHITECTURES: dict[str, ArchitectureSpec] = {}
 _SCRATCH: dict[str, ScratchSpec] = {}

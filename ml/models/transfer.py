@@ -21,7 +21,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ml.errors import ConfigError
-from ml.models.registry import TRAINING_OPTION_KEYS, TRANSFER_OPTION_KEYS, ArchitectureSpec, get_architecture
+from ml.models.registry import (
+    FROZEN_PHASE_OPTION_KEYS,
+    TRAINING_OPTION_KEYS,
+    TRANSFER_OPTION_KEYS,
+    ArchitectureSpec,
+    get_architecture,
+)
 
 if TYPE_CHECKING:
     import keras
@@ -48,7 +54,7 @@ def transfer_options(
     """Check a transfer candidate's options; unknown keys raise ConfigError naming the allowed ones."""
     spec = arch if isinstance(arch, ArchitectureSpec) else get_architecture(arch)
     opts = dict(options or {})
-    allowed = set(TRANSFER_OPTION_KEYS) | set(TRAINING_OPTION_KEYS)
+    allowed = set(TRANSFER_OPTION_KEYS) | set(TRAINING_OPTION_KEYS) | set(FROZEN_PHASE_OPTION_KEYS)
     unknown = set(opts) - allowed
     if unknown:
         raise ConfigError(

@@ -34,6 +34,7 @@ def make_callbacks(
     checkpoints: CheckpointStore | None = None,
     candidate: str = "",
     checkpoint_every: int = 1,
+    warmup_epochs: int = WARMUP_EPOCHS,
 ) -> list[keras.callbacks.Callback]:
     """Early stopping (best weights restored), LR decay on plateaus, CSV history, TensorBoard, checkpoint.
 
@@ -48,6 +49,7 @@ def make_callbacks(
             retried task resumes; None: no checkpoints (a run without an object store).
         candidate: The candidate's name, for the checkpoint's logs.
         checkpoint_every: Save the state after every this many completed epochs (>= 1).
+        warmup_epochs: Epochs before early stopping may act (0 for a fine-tune: it starts trained).
     """
     import keras
 
@@ -55,7 +57,7 @@ def make_callbacks(
     tensorboard = out_dir / TENSORBOARD_DIR
     shutil.rmtree(tensorboard, ignore_errors=True)
     early_stopping = keras.callbacks.EarlyStopping(
-        monitor=monitor, patience=max(1, patience), restore_best_weights=True, start_from_epoch=WARMUP_EPOCHS
+        monitor=monitor, patience=max(1, patience), restore_best_weights=True, start_from_epoch=warmup_epochs
     )
     plateau = keras.callbacks.ReduceLROnPlateau(
         monitor=monitor, factor=0.5, patience=max(3, patience // 2), cooldown=1, min_lr=1e-6

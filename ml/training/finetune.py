@@ -5,6 +5,12 @@ InceptionV3 ``mixed9``, ...): that layer and everything after it become trainabl
 BatchNormalization layers, which stay frozen; the backbone is also *called* with
 ``training=False`` in every transfer model, so their moving statistics never change
 (keras-io's fine-tuning recipe; the dog-breed study saw unfrozen blocks overfit fast).
+
+It starts from the parent's saved model (its best frozen head: early stopping restored it), at
+a low learning rate that decays every epoch, with early stopping from the first epoch (the best
+epoch's weights are kept). When the result is still worse on validation than the parent, the
+train summary says so (``vs_parent.worse``) and a warning names both; the parent stays a
+candidate of its own, so the gate can still pick it.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +32,9 @@ if TYPE_CHECKING:
     from ml.training.checkpoints import CheckpointStore
 
 log = logging.getLogger(__name__)
+
+# Per-epoch LR factor on top of ReduceLROnPlateau: 0.8^2 = 0.64x by the 3rd (default last) epoch.
+LR_DECAY_PER_EPOCH = 0.8
 
 
 def unfreeze_from_boundary(model: keras.Model, spec: ArchitectureSpec) -> list[str]:
@@ -77,6 +87,8 @@ def finetune_candidate(
     Returns:
         The train summary.
     """
+    import keras
+
     from ml.data.image_cache import build_image_cache
     from ml.io import staging_dir
     from ml.models import load_model
@@ -127,9 +139,19 @@ def finetune_candidate(
         )
         callbacks = make_callbacks(
             staging, out_dir, settings.early_stopping_patience, data.has_val, checkpoints=checkpoints,
-            candidate=settings.candidate, checkpoint_every=config.checkpoint_every_epochs,
+            candidate=settings.candidate, checkpoint_every=config.checkpoint_every_epochs, warmup_epochs=0,
         )
+        callbacks.append(keras.callbacks.LearningRateScheduler(decayed_lr))
         history, val = fit_model(model, data, settings, callbacks)
+        vs_parent = compare_with_parent(val, parent_summary)
+        if vs_parent["worse"]:
+            log.warning(
+                "%s is worse on validation than its parent %s (val accuracy %s vs %s, val loss %s vs %s): "
+                "fine-tuning did not help; %s stays a candidate and can still win the gate",
+                settings.candidate, settings.parent, _fmt(val.get("accuracy")),
+                _fmt(parent_summary.get("val_accuracy")), _fmt(val.get("loss")),
+                _fmt(parent_summary.get("val_loss")), settings.parent,
+            )
         extra = {
             "bottleneck": None,
             "weights": parent_summary.get("weights"),
@@ -137,8 +159,39 @@ def finetune_candidate(
             "finetune_boundary": spec.finetune_boundary,
             "unfrozen_layers": len(unfrozen),
             "parent_val_accuracy": parent_summary.get("val_accuracy"),
+            "parent_val_loss": parent_summary.get("val_loss"),
+            "vs_parent": vs_parent,
         }
         return finish_candidate(
             model, staging, out_dir, settings, data=data, history=history, val=val, started=started,
             hardware=hardware, extra=extra,
         )
+
+
+def decayed_lr(epoch: int, lr: float) -> float:
+    """`keras.callbacks.LearningRateScheduler` rule: the current LR times `LR_DECAY_PER_EPOCH` after epoch 0."""
+    return float(lr) if epoch == 0 else float(lr) * LR_DECAY_PER_EPOCH
+
+
+def compare_with_parent(val: Mapping[str, float], parent_summary: Mapping[str, Any]) -> dict[str, Any]:
+    """Validation of a fine-tuned model against its parent's (both with their best weights restored).
+
+    Worse = lower val accuracy, or the same accuracy at a higher val loss. Without val scores on
+    either side nothing can be said (``worse`` False, deltas None).
+
+    Returns:
+        {worse, val_accuracy_delta, val_loss_delta} (deltas: fine-tuned minus parent).
+    """
+    def delta(key: str) -> float | None:
+        mine, theirs = val.get(key), parent_summary.get(f"val_{key}")
+        if not isinstance(mine, (int, float)) or not isinstance(theirs, (int, float)):
+            return None
+        return float(mine) - float(theirs)
+
+    acc, loss = delta("accuracy"), delta("loss")
+    worse = acc is not None and (acc < 0 or (acc == 0 and loss is not None and loss > 0))
+    return {"worse": bool(worse), "val_accuracy_delta": acc, "val_loss_delta": loss}
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, (int, float)) else "n/a"

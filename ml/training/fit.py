@@ -7,9 +7,10 @@ staging folder first (`ml.io.staging_dir`) and moved into place at the end,
 final names (and no summary that would mark the folder complete). TensorBoard logs stream to
 ``out_dir/tensorboard``.
 
-Transfer candidates without augmentation use cached bottleneck features
-(`ml.training.bottleneck`): the backbone runs once per image, the head trains on features,
-and the full model (input -> preprocessing -> backbone -> head) is assembled and saved.
+Transfer candidates train their head on cached features: the bottleneck cache without
+augmentation (`ml.training.bottleneck`), the augmented bank with it (`ml.training.bank`, unless
+``frozen_phase: backbone``): the backbone runs once per image (per view), the head trains on
+features, and the full model (input -> preprocessing -> backbone -> head) is assembled and saved.
 
 What a candidate trains with comes from `ml.training.settings.CandidateSettings`, resolved once
 per call; the callbacks from `ml.training.callbacks`; rows and class weights from
@@ -21,7 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -86,7 +87,7 @@ def train_candidate(
     cache = build_image_cache(dataset_dir, settings.image_size, cache_root)
     data = TrainData.from_cache(cache, settings.class_weight_threshold)
     out_dir = Path(out_dir)
-    extra: dict[str, Any] = {"bottleneck": None, "weights": None, "weights_id": None}
+    extra: dict[str, Any] = {"bottleneck": None, "weights": None, "weights_id": None, "frozen_phase_s": None}
 
     with staging_dir(out_dir) as staging:
         callbacks = make_callbacks(
@@ -115,13 +116,18 @@ def train_candidate(
                     spec.name, data.num_classes, settings.image_size, options=settings.transfer, weights=resolved
                 )
                 compile_model(model, settings.learning_rate, settings.label_smoothing)
-            if settings.augment is None:
+            frozen_started = time.monotonic()
+            if settings.head_on_features is not None:
                 history, val, extra["bottleneck"] = fit_on_bottlenecks(
                     model, data, settings, callbacks, cache_root=Path(cache_root), weights_id=extra["weights_id"],
                     hardware=hardware,
                 )
             else:
+                log.info("%s: frozen phase through the backbone (frozen_phase=backbone), augmented, %d epochs",
+                         settings.candidate, settings.epochs)
                 history, val = fit_model(model, data, settings, callbacks)
+            # Feature extraction (on a cache miss) + the head's fit, or the fit through the backbone.
+            extra["frozen_phase_s"] = round(time.monotonic() - frozen_started, 2)
         return finish_candidate(
             model, staging, out_dir, settings, data=data, history=history, val=val, started=started,
             hardware=hardware, extra=extra,
@@ -184,8 +190,12 @@ def fit_on_bottlenecks(
 ) -> tuple[dict[str, list[float]], dict[str, float], dict[str, Any]]:
     """Train a transfer model's head on cached backbone features (computed on a cache miss).
 
+    Without augmentation the head trains on the bottleneck cache (`ml.training.bottleneck`); with
+    augmentation (``settings.head_on_features == "bank"``) on the augmented bank
+    (`ml.training.bank`), one view per image per epoch. Validation uses un-augmented features.
+
     Returns:
-        (history, val scores as `fit_model`, {path, hit, features shape} of the feature cache).
+        (history, val scores as `fit_model`, {source, path, hit, features shape, ...} of the features).
     """
     import tensorflow as tf
 
@@ -196,8 +206,10 @@ def fit_on_bottlenecks(
     path = bottleneck_path(
         cache_root, data.cache.dataset_hash, settings.name, settings.image_size, weights_id, settings.alpha
     )
+    extractor = feature_extractor(model)
     # >= 32 images per forward pass: extraction is inference only, bigger batches are faster.
-    found = load_or_compute(data.cache, feature_extractor(model), path, batch_size=max(settings.batch_size, 32))
+    extract_batch = max(settings.batch_size, 32)
+    found = load_or_compute(data.cache, extractor, path, batch_size=extract_batch)
     head = model.get_layer(HEAD_NAME)
     with hardware.scope():
         compile_model(head, settings.learning_rate, settings.label_smoothing)
@@ -214,28 +226,64 @@ def fit_on_bottlenecks(
         return ds.batch(bs).prefetch(tf.data.AUTOTUNE)
 
     val = features_ds(data.val_rows, False) if data.has_val else None
+    info: dict[str, Any] = {"source": settings.head_on_features, "path": str(path), "hit": found.hit,
+                            "features": list(found.features.shape)}
+    steps = None
+    if settings.head_on_features == "bank":
+        from ml.training.bank import bank_dataset, bank_path, load_or_build_bank
+
+        assert settings.augment is not None  # head_on_features == "bank" implies augmentation
+        where = bank_path(
+            cache_root, data.cache.dataset_hash, data.train_rows, architecture=settings.name,
+            image_size=settings.image_size, weights_id=weights_id, alpha=settings.alpha, augment=settings.augment,
+            views=settings.bank_views, seed=settings.seed,
+        )
+        bank = load_or_build_bank(
+            data.cache, extractor, where, rows=data.train_rows, clean=found.features, augment=settings.augment,
+            views=settings.bank_views, seed=settings.seed, batch_size=extract_batch,
+        )
+        labels = np.eye(k, dtype=np.float32)[data.cache.label_indices(bank.rows)]
+        steps = -(-len(bank.rows) // bs)
+
+        def train(start_epoch: int) -> tf.data.Dataset:  # epochs start_epoch.. (a resumed fit starts later)
+            return bank_dataset(
+                bank, labels, epochs=settings.epochs, batch_size=bs, seed=settings.seed, start_epoch=start_epoch
+            )[0]
+        info.update({"bank_path": str(bank.path), "bank_hit": bank.hit, "bank_views": bank.views,
+                     "bank": list(bank.features.shape)})
+        log.info(
+            "%s: frozen phase trains the head on the augmented bottleneck bank (%d augmented views + 1 "
+            "un-augmented of %d images, one per image per epoch; %s), up to %d epochs",
+            settings.candidate, bank.views, len(bank.rows), "cache hit" if bank.hit else "built now", settings.epochs,
+        )
+    else:
+        train = features_ds(data.train_rows, True)
+        log.info("%s: frozen phase trains the head on cached bottleneck features (no augmentation), up to %d epochs",
+                 settings.candidate, settings.epochs)
     # The head's weights are shared with `model`, so training it trains the full model's head;
     # the checkpoint callback saves the head only (callbacks see the model being fitted).
-    history, scores = _fit(head, features_ds(data.train_rows, True), val, data, settings, callbacks, data_state=state)
-    info = {"path": str(path), "hit": found.hit, "features": list(found.features.shape)}
+    history, scores = _fit(head, train, val, data, settings, callbacks, data_state=state, steps_per_epoch=steps)
     return history, scores, info
 
 
 def _fit(
     model: keras.Model,
-    train: tf.data.Dataset,
+    train: tf.data.Dataset | Callable[[int], tf.data.Dataset],
     val: tf.data.Dataset | None,
     data: TrainData,
     settings: CandidateSettings,
     callbacks: list[Any],
     *,
     data_state: Sequence[Any] = (),
+    steps_per_epoch: int | None = None,
 ) -> tuple[dict[str, list[float]], dict[str, float]]:
     """model.fit for `settings.epochs` (the datasets shuffle themselves), then the val scores.
 
     With an epoch checkpoint among `callbacks`, first resume from its latest state (model,
     optimizer, callbacks, `data_state`: the input pipeline's random state) and fit only the
-    epochs left; the returned curves cover every epoch.
+    epochs left; the returned curves cover every epoch. `train` may be a function of the first
+    epoch to fit returning all remaining epochs back to back, each `steps_per_epoch` batches
+    (`ml.training.bank.bank_dataset`).
     """
     from ml.training.checkpoints import Resumed, find_checkpoint, fingerprint
 
@@ -244,12 +292,16 @@ def _fit(
         callbacks = [c for c in callbacks if c is not checkpoint] + [checkpoint]  # last: see epoch_checkpoint
         checkpoint.track(data_state, fingerprint(settings, data.cache.dataset_hash, model))
         resumed = checkpoint.resume(model, settings.epochs)
+    initial_epoch = settings.epochs if resumed.finished else resumed.epochs_done
+    if callable(train):
+        train = train(initial_epoch)
     history = model.fit(
         train,
         validation_data=val,
         # Early stopping had ended the fit: no epoch left, but on_train_end still restores the best weights.
-        initial_epoch=settings.epochs if resumed.finished else resumed.epochs_done,
+        initial_epoch=initial_epoch,
         epochs=settings.epochs,
+        steps_per_epoch=steps_per_epoch,
         callbacks=callbacks,
         class_weight=data.class_weight,
         shuffle=False,

@@ -8,6 +8,13 @@ train.finetune_lr_factor`` unless its own options set ``epochs``/``learning_rate
 not carry over: fine-tuning is a different schedule), and it always keeps the parent's image size,
 because the model it continues was built for it.
 
+A transfer candidate's frozen phase trains its head on cached features whenever it can: on the
+bottleneck cache without augmentation, on the augmented bank (`ml.training.bank`) with it
+(``frozen_phase: bank``, the default, ``bank_views`` augmented views per image), or through the
+backbone every epoch (``frozen_phase: backbone``). A head on features trains for
+``train.head_epochs`` (early stopping ends it) at ``train.head_learning_rate``, unless the
+candidate's own ``epochs``/``learning_rate`` are set.
+
 Each field is validated here, once, with the ranges and functions `TrainConfig` uses
 (`ml.config.IMAGE_SIZE_RANGE` and friends), and a bad value is reported under the name of the
 setting that supplied it (``train.candidate_options.scratch_small.image_size must be in [32,
@@ -46,6 +53,12 @@ from ml.training.input_pipeline import AugmentConfig
 
 log = logging.getLogger(__name__)
 
+FROZEN_PHASES = ("bank", "backbone")
+# Augmented views per training image in the bank (plus the un-augmented one). Measured on
+# animals3 (MobileNet v1 a0.25 ImageNet, 224 px): see benchmarks/README.md, `bottleneck_augmented`.
+DEFAULT_BANK_VIEWS = 5  # 2 and 5 equally accurate on animals3 (within one test image)
+BANK_VIEWS_RANGE = (1, 64)
+
 __all__ = ["CandidateSettings", "IMAGE_SIZE_RANGE"]
 
 # (options, the setting name they come from), most specific first.
@@ -78,6 +91,9 @@ class CandidateSettings:
             in; None for the other kinds.
         transfer: A transfer or fine-tuned candidate's head/backbone options; None for scratch.
         parent: The transfer candidate a fine-tuned one continues; None otherwise.
+        frozen_phase: ``bank`` (augmented features, computed once) or ``backbone`` (every
+            augmented image through the frozen backbone every epoch); used with augmentation on.
+        bank_views: Augmented views per training image in the bank.
     """
 
     candidate: str
@@ -96,12 +112,23 @@ class CandidateSettings:
     scratch_options: Mapping[str, Any] | None = None
     transfer: TransferOptions | None = None
     parent: str | None = None
+    frozen_phase: str = "bank"
+    bank_views: int = DEFAULT_BANK_VIEWS
 
     def __post_init__(self) -> None:
         # Read-only views: a frozen dataclass would still let a caller mutate a dict field.
         object.__setattr__(self, "options", MappingProxyType(dict(self.options)))
         if self.scratch_options is not None:
             object.__setattr__(self, "scratch_options", MappingProxyType(dict(self.scratch_options)))
+
+    @property
+    def head_on_features(self) -> str | None:
+        """What a transfer candidate's head trains on: ``bottlenecks``, ``bank``, or None (images)."""
+        if self.kind != "transfer":
+            return None
+        if self.augment is None:
+            return "bottlenecks"
+        return "bank" if self.frozen_phase == "bank" else None
 
     @property
     def spec(self) -> ArchitectureSpec:
@@ -154,18 +181,29 @@ class CandidateSettings:
             transfer = _prefixed(where, lambda: transfer_options(name, own))
             # Below a backbone's smallest input (InceptionV3: 75 px) Keras would fail only when building.
             _prefixed(size_name, lambda: get_architecture(name).check_size(image_size))
+        augment = _prefixed(where, lambda: AugmentConfig.from_options(own, default_on=config.augment))
+        phase = {"frozen_phase": "bank", "bank_views": DEFAULT_BANK_VIEWS}
+        if kind == "transfer":
+            phase = _frozen_phase(own, where)
+        on_features = kind == "transfer" and (augment is None or phase["frozen_phase"] == "bank")
+        epochs_default = (config.head_epochs, "train.head_epochs") if on_features else (config.epochs, "train.epochs")
+        rate_default = (
+            (config.head_learning_rate, "train.head_learning_rate") if on_features
+            else (config.learning_rate, "train.learning_rate")
+        )
         return cls(
             candidate=candidate,
             kind=kind,
             name=name,
             image_size=image_size,
             batch_size=_int("batch_size", sources, config.batch_size, "train.batch_size", BATCH_SIZE_RANGE),
-            epochs=_int("epochs", sources, config.epochs, "train.epochs", EPOCHS_RANGE),
-            learning_rate=_rate("learning_rate", sources, config.learning_rate, "train.learning_rate"),
-            augment=_prefixed(where, lambda: AugmentConfig.from_options(own, default_on=config.augment)),
+            epochs=_int("epochs", sources, *epochs_default, EPOCHS_RANGE),
+            learning_rate=_rate("learning_rate", sources, *rate_default),
+            augment=augment,
             options=own,
             scratch_options=scratch,
             transfer=transfer,
+            **phase,
             **_from_config(config),
         )
 
@@ -220,6 +258,15 @@ class CandidateSettings:
 
 # Fields every candidate takes from TrainConfig unchanged (same names in both).
 _FROM_CONFIG = ("seed", "label_smoothing", "early_stopping_patience", "class_weight_threshold")
+
+
+def _frozen_phase(options: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """A transfer candidate's ``frozen_phase`` and ``bank_views`` options, checked."""
+    phase = options.get("frozen_phase", "bank")
+    if phase not in FROZEN_PHASES:
+        raise ConfigError(f"{where}.frozen_phase must be one of {list(FROZEN_PHASES)}, got {phase!r}")
+    views = check_int_setting(f"{where}.bank_views", options.get("bank_views", DEFAULT_BANK_VIEWS), BANK_VIEWS_RANGE)
+    return {"frozen_phase": phase, "bank_views": views}
 
 
 def _from_config(config: TrainConfig) -> dict[str, Any]:

@@ -162,3 +162,21 @@ def test_to_jsonable_handles_numpy_nan_and_paths(tmp_path) -> None:
     value = {"a": np.float32(0.5), "b": float("nan"), "c": np.arange(3), "d": tmp_path, 1: (np.bool_(True),)}
 
     assert to_jsonable(value) == {"a": 0.5, "b": None, "c": [0, 1, 2], "d": str(tmp_path), "1": [True]}
+
+
+def test_fine_tuned_row_shows_its_parent_and_both_stay_eligible() -> None:
+    from ml.evaluation.leaderboard import best_candidate, build_leaderboard, format_leaderboard_table
+
+    rows = build_leaderboard([
+        {"candidate": "finetune_mobilenet", "accuracy": 0.850, "parent": "transfer_mobilenet"},
+        {"candidate": "transfer_mobilenet", "accuracy": 0.854},
+        {"candidate": "scratch_small", "accuracy": 0.71},
+    ])
+    by_name = {row["candidate"]: row for row in rows}
+
+    assert by_name["finetune_mobilenet"]["vs_parent_points"] == pytest.approx(-0.4)
+    assert by_name["finetune_mobilenet"]["worse_than_parent"] is True
+    assert "vs_parent_points" not in by_name["transfer_mobilenet"]
+    assert best_candidate(rows)["candidate"] == "transfer_mobilenet"  # the parent can win the gate
+    table = format_leaderboard_table(rows)
+    assert "vs parent" in table.splitlines()[0] and "-0.4" in table

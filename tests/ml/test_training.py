@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -475,3 +476,74 @@ def test_finetune_resolves_its_own_and_its_parents_options_once(
                            cache_root=cache_root)
 
     assert sorted(calls) == ["finetune_mobilenet", "transfer_mobilenet"]
+
+
+# --- augmented bottleneck bank, fine-tuning against its parent ----------------------------------
+
+
+def test_transfer_with_augmentation_trains_its_head_on_the_bank(
+    transfer_run: dict[str, Any], tiny_dataset: Path, cache_root: Path, tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from ml.training.fit import train_candidate
+
+    options = {"alpha": 0.25, "bank_views": 2, "epochs": 2}  # augmentation on: the default
+    config = _config("transfer_mobilenet", options, weights=transfer_run["config"].weights)
+    with caplog.at_level(logging.INFO, logger="ml.training.fit"):
+        first = train_candidate(tiny_dataset, "transfer_mobilenet", tmp_path / "a", config, cache_root=cache_root)
+    second = train_candidate(tiny_dataset, "transfer_mobilenet", tmp_path / "b", config, cache_root=cache_root)
+
+    info = first["bottleneck"]
+    assert info["source"] == "bank" and info["bank_views"] == 2 and first["augment"] is not None
+    assert info["bank"] == [3, 24, 256]  # (2 views + un-augmented) x 24 train images x 256 features
+    assert info["bank_hit"] is False and second["bottleneck"]["bank_hit"] is True
+    assert second["bottleneck"]["bank_path"] == info["bank_path"]
+    # Same un-augmented features as the bottleneck cache of the run without augmentation.
+    assert info["path"] == transfer_run["summary"]["bottleneck"]["path"]
+    assert "frozen phase trains the head on the augmented bottleneck bank" in caplog.text
+    assert first["val_accuracy"] == pytest.approx(second["val_accuracy"])  # same seed, same views
+
+
+def test_finetune_worse_than_its_parent_is_flagged(
+    transfer_run: dict[str, Any], tiny_dataset: Path, cache_root: Path, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    import ml.training.fit as fit
+    from ml.training.finetune import finetune_candidate
+
+    real_fit = fit.fit_model
+
+    def overfitted(*args: Any, **kwargs: Any) -> tuple[dict[str, list[float]], dict[str, float]]:
+        history, _ = real_fit(*args, **kwargs)
+        return history, {"accuracy": 0.0, "loss": 50.0}  # what an overfitted fine-tune scores on val
+
+    monkeypatch.setattr(fit, "fit_model", overfitted)
+    config = _config("transfer_mobilenet", MOBILENET, finetune_epochs=1, weights=transfer_run["config"].weights)
+    with caplog.at_level(logging.WARNING, logger="ml.training.finetune"):
+        summary = finetune_candidate(tiny_dataset, transfer_run["out"], tmp_path / "ft", config, cache_root=cache_root)
+
+    parent = transfer_run["summary"]
+    assert summary["vs_parent"]["worse"] is True
+    assert summary["vs_parent"]["val_accuracy_delta"] == pytest.approx(-parent["val_accuracy"])
+    assert summary["parent_val_loss"] == parent["val_loss"]
+    assert "finetune_mobilenet is worse on validation than its parent transfer_mobilenet" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("val", "worse"),
+    [
+        ({"accuracy": 0.80, "loss": 0.4}, True),
+        ({"accuracy": 0.85, "loss": 0.6}, True),  # same accuracy, higher loss
+        ({"accuracy": 0.85, "loss": 0.4}, False),
+        ({"accuracy": 0.90, "loss": 0.9}, False),
+        ({}, False),  # no val rows: nothing to compare
+    ],
+)
+def test_compare_with_parent(val: dict[str, float], worse: bool) -> None:
+    from ml.training.finetune import compare_with_parent
+
+    result = compare_with_parent(val, {"val_accuracy": 0.85, "val_loss": 0.5})
+
+    assert result["worse"] is worse
+    if val:
+        assert result["val_accuracy_delta"] == pytest.approx(val["accuracy"] - 0.85)
