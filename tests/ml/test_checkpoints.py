@@ -26,7 +26,7 @@ class _Killed(RuntimeError):
 
 
 def _config(candidate: str, **kwargs: Any) -> TrainConfig:
-    base = {"candidates": (candidate,), "epochs": EPOCHS, "image_size": SIZE, "batch_size": 8, "weights": "none",
+    base = {"candidates": (candidate,), "epochs": EPOCHS, "head_epochs": EPOCHS, "image_size": SIZE, "batch_size": 8, "weights": "none",
             "seed": 7}
     return TrainConfig(**{**base, **kwargs})
 
@@ -60,6 +60,7 @@ def _weights(out: Path) -> list[np.ndarray]:
 @pytest.mark.parametrize(("candidate", "options"), [
     ("scratch_tiny", {}),  # images, augmentation and dropout on: every random draw restored or re-derived
     ("transfer_mobilenet", {"alpha": 0.25, "augment": False}),  # the head on cached bottleneck features
+    ("transfer_mobilenet", {"alpha": 0.25, "bank_views": 2}),  # the head on the augmented bank: views by epoch
 ])
 def test_resumed_training_is_identical_to_an_uninterrupted_one(
     candidate: str, options: dict[str, Any], tiny_dataset: Path, tmp_path: Path, store: Any,
