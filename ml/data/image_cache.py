@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ml.data.images import DECODE, opencv_threads
 from ml.data.manifest import DATASET_FILE, MANIFEST_FILE, OK
 from ml.errors import CacheCorruptError, DataError  # noqa: F401 - re-exported for callers
 from ml.io import exclusive_lock, temporary_sibling, write_json  # lock re-exported for ml.training.bottleneck
@@ -43,13 +44,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2  # 2: ml.data.images.decode_resize (reduced JPEG decode)
 IMAGES_FILE = "images.u8"
 INDEX_FILE = "index.parquet"
 META_FILE = "meta.json"
 CHUNK_BYTES = 16 * 1024 * 1024  # checksum block: ~16 MiB of pixels
 PARALLEL_MIN_IMAGES = 64  # below this, a thread pool costs more than it saves
 DECODE_WINDOW = 256  # images decoded ahead of the memmap writer
+MAX_DEFAULT_WORKERS = 8  # decoding threads by default: past ~8 the file reads, not the cores, limit
 SPLITS = ("train", "val", "test")
 # Square sizes (pixels) a cache may be built at: below 8 px nothing is left of a photo; 2048^2 x 3
 # bytes = 12 MB per image. ml/training/settings.py's IMAGE_SIZE_RANGE is the training-side rule.
@@ -226,7 +228,7 @@ def build_image_cache(
         dataset_dir: Dataset folder (manifest.parquet + dataset.json).
         image_size: Square size in pixels every image is resized to (cv2.INTER_AREA).
         cache_root: Root folder of all image caches.
-        workers: Decoding threads (default: up to 2; 1 decodes serially).
+        workers: Decoding threads (default: the CPUs this process may use, up to 8; 1 decodes serially).
     """
     low, high = IMAGE_SIZE_RANGE
     if not low <= int(image_size) <= high:
@@ -287,10 +289,10 @@ def _chunk_digests(path: Path, chunk_bytes: int) -> list[str]:
 
 
 def _decode_resize(args: tuple[str, int]) -> np.ndarray:
-    from ml.data.images import load_rgb, resize_square
+    from ml.data.images import load_resized
 
     path, size = args
-    return resize_square(load_rgb(path), size)
+    return load_resized(path, size)
 
 
 def _build(
@@ -307,7 +309,7 @@ def _build(
     try:
         images_path = tmp / IMAGES_FILE
         jobs = [(str(dataset_dir / p), size) for p in ok["path"]]
-        workers = workers if workers is not None else min(2, os.cpu_count() or 1)
+        workers = workers if workers is not None else min(MAX_DEFAULT_WORKERS, len(os.sched_getaffinity(0)))
         if n:
             images = np.memmap(images_path, dtype=np.uint8, mode="w+", shape=shape)
             _reserve_space(images_path, images.nbytes, folder)
@@ -315,8 +317,9 @@ def _build(
                 # Threads, not processes: file reads, cv2.imdecode and cv2.resize release the GIL,
                 # so threads use every core without pickling pixels, and unlike a process pool
                 # they neither fork a TensorFlow process (deadlock-prone) nor need the caller's
-                # script to have an `if __name__ == "__main__"` guard (spawn re-imports it).
-                with ThreadPoolExecutor(max_workers=workers) as pool:
+                # script to have an `if __name__ == "__main__"` guard (spawn re-imports it). One image per
+                # thread: OpenCV's own pool is switched off meanwhile so it does not compete for the cores.
+                with opencv_threads(1), ThreadPoolExecutor(max_workers=workers) as pool:
                     # Windows of DECODE_WINDOW images: at most that many decoded images in memory.
                     for start in range(0, n, DECODE_WINDOW):
                         window = jobs[start : start + DECODE_WINDOW]
@@ -351,6 +354,7 @@ def _build(
             "dtype": "uint8",
             "color_order": "RGB",
             "resize": "cv2.INTER_AREA, aspect ratio ignored",
+            "decode": DECODE,
             "labels": labels,
             "chunk_bytes": chunk_bytes,
             "chunk_sha256": _chunk_digests(images_path, chunk_bytes),

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from ml.data.image_cache import CacheCorruptError, ImageCache, build_image_cache, cache_folder
-from ml.data.images import load_rgb, resize_square
+from ml.data.images import load_resized
 from ml.errors import DataError
 
 SIZE = 32
@@ -28,7 +28,7 @@ def test_round_trip_matches_decode_and_resize(tiny_dataset: Path, tmp_path: Path
     assert cache.labels == sorted(ok["label"].unique())
     row = 5
     path = cache.index.loc[row, "path"]
-    expected = resize_square(load_rgb(tiny_dataset / path), SIZE)
+    expected = load_resized(tiny_dataset / path, SIZE)
     np.testing.assert_array_equal(cache.gather([row])[0], expected)
     label = ok.set_index("path").loc[path, "label"]
     assert cache.labels[cache.label_indices([row])[0]] == label
