@@ -29,13 +29,21 @@ if __package__ in (None, ""):
 
 from benchmarks.common import RESULTS_DIR, Result, Settings, log, machine_info  # noqa: E402
 
-BENCHMARKS = ("cache", "bottleneck", "pipeline", "memory", "animals3", "snapshot")
+BENCHMARKS = ("cache", "bottleneck", "pipeline", "memory", "animals3", "snapshot", "serving")
 DEFAULT_IMAGES, QUICK_IMAGES = 2000, 240
 DEFAULT_MEMORY_IMAGES, QUICK_MEMORY_IMAGES = 5000, 400
 
 
 def _run_one(name: str, settings: Settings) -> list[Result]:
-    from benchmarks import bench_animals, bench_bottleneck, bench_cache, bench_memory, bench_pipeline, bench_snapshot
+    from benchmarks import (
+        bench_animals,
+        bench_bottleneck,
+        bench_cache,
+        bench_memory,
+        bench_pipeline,
+        bench_serving,
+        bench_snapshot,
+    )
 
     runners = {
         "cache": bench_cache.run,
@@ -44,6 +52,7 @@ def _run_one(name: str, settings: Settings) -> list[Result]:
         "memory": bench_memory.run,
         "animals3": bench_animals.run,
         "snapshot": bench_snapshot.run,
+        "serving": bench_serving.run,
     }
     out = runners[name](settings)
     return out if isinstance(out, list) else [out]
