@@ -54,7 +54,7 @@ META_FILE = "meta.json"
 CHUNK_BYTES = 16 * 1024 * 1024  # checksum block: ~16 MiB of pixels
 PARALLEL_MIN_IMAGES = 64  # below this, a thread pool costs more than it saves
 DECODE_WINDOW = 256  # images decoded ahead of the memmap writer
-MAX_DEFAULT_WORKERS = 8  # decoding threads by default: past ~8 the file reads, not the cores, limit
+MAX_DEFAULT_WORKERS = 8  # default decoding threads: one per usable CPU, capped so a big shared worker is not swamped
 SPLITS = ("train", "val", "test")
 # Square sizes (pixels) a cache may be built at: below 8 px nothing is left of a photo; 2048^2 x 3
 # bytes = 12 MB per image. ml/training/settings.py's IMAGE_SIZE_RANGE is the training-side rule.
