@@ -29,7 +29,8 @@ if __package__ in (None, ""):
 
 from benchmarks.common import RESULTS_DIR, Result, Settings, log, machine_info  # noqa: E402
 
-BENCHMARKS = ("cache", "bottleneck", "pipeline", "memory", "animals3", "bank", "snapshot", "checkpoint")
+BENCHMARKS = ("cache", "bottleneck", "pipeline", "memory", "animals3", "bank", "snapshot", "checkpoint",
+              "serving")
 DEFAULT_IMAGES, QUICK_IMAGES = 2000, 240
 DEFAULT_MEMORY_IMAGES, QUICK_MEMORY_IMAGES = 5000, 400
 
@@ -43,6 +44,7 @@ def _run_one(name: str, settings: Settings) -> list[Result]:
         bench_checkpoint,
         bench_memory,
         bench_pipeline,
+        bench_serving,
         bench_snapshot,
     )
 
@@ -55,6 +57,7 @@ def _run_one(name: str, settings: Settings) -> list[Result]:
         "bank": bench_bank.run,  # rows bottleneck_augmented and head_vs_logreg
         "snapshot": bench_snapshot.run,
         "checkpoint": bench_checkpoint.run,
+        "serving": bench_serving.run,
     }
     out = runners[name](settings)
     return out if isinstance(out, list) else [out]

@@ -287,23 +287,24 @@ def cmd_ensure_bucket(args: argparse.Namespace) -> int:
     return 0
 
 
-def _predictor(model: str, config: PipelineConfig):
+def _predictor(model: str, config: PipelineConfig, runtime: str):
     from ml.registry.layout import check_version
     from ml.serving.predictor import load_local, load_production, load_version
 
     cache_dir = config.work_dir / "models"
     if model != "production" and Path(model).exists():
-        return load_local(Path(model))
+        return load_local(Path(model), runtime=runtime)
     store = open_store(config)
     if model == "production":
-        return load_production(store, config.storage.model_name, cache_dir=cache_dir)
+        return load_production(store, config.storage.model_name, cache_dir=cache_dir, runtime=runtime)
     # Not a file here: a version id, checked before it names a cache folder or a key.
-    return load_version(store, config.storage.model_name, check_version(model), cache_dir=cache_dir)
+    return load_version(store, config.storage.model_name, check_version(model), cache_dir=cache_dir,
+                        runtime=runtime)
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
     config = _config(args)
-    predictor = _predictor(args.model, config)
+    predictor = _predictor(args.model, config, args.runtime)
     missing = [p for p in args.images if not Path(p).is_file()]
     if missing:
         raise DataError(f"no such image file: {', '.join(missing)}")
@@ -318,7 +319,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from ml.serving.submission import write_submission
 
     config = _config(args)
-    predictor = _predictor(args.model, config)
+    predictor = _predictor(args.model, config, args.runtime)
     out = write_submission(predictor, Path(args.dataset), Path(args.out),
                            sample_submission=Path(args.sample) if args.sample else None)
     print(f"wrote {out['rows']} predictions for {out['classes']} classes to {args.out}")
@@ -326,6 +327,12 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------- parser
+def _runtime_argument(parser: argparse.ArgumentParser) -> None:
+    from ml.serving.runtimes import COMPILED, RUNTIMES
+
+    parser.add_argument("--runtime", choices=RUNTIMES, default=COMPILED,
+                        help="how the model runs: compiled (tf.function, default) or tflite (the version's "
+                             "model.tflite)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -412,6 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="top-k labels for images")
     p.add_argument("--model", default="production", help="production, a version id, or a model.keras path")
     p.add_argument("--top-k", type=int, default=5)
+    _runtime_argument(p)
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.set_defaults(func=cmd_predict)
 
@@ -421,6 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="production")
     p.add_argument("--sample", help="Kaggle's sample_submission.csv: column and row order "
                                     "(default: DATASET/sample_submission.csv if present, else sorted labels)")
+    _runtime_argument(p)
     p.set_defaults(func=cmd_submit)
     return parser
 

@@ -295,8 +295,9 @@ def leaderboard_html_table(
         lines.append(f"<tr class=\"production\">{''.join(cells)}</tr>")
     lines.append("</tbody></table>")
     lines.append("<p class=\"muted\">acc, top5 and F1 in %; MB = 10<sup>6</sup> bytes; latency is the median "
-                 "single-image prediction time; vs parent = a fine-tuned candidate's score minus its parent's "
-                 "(points of the ranking metric). Green: best eligible candidate.</p>")
+                 "single-image time through the serving predictor (compiled model); vs parent = a fine-tuned "
+                 "candidate's score minus its parent's (points of the ranking metric). "
+                 "Green: best eligible candidate.</p>")
     return "\n".join(lines)
 
 

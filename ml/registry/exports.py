@@ -23,7 +23,6 @@ import contextlib
 import logging
 import shutil
 import tempfile
-import warnings
 import zipfile
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -217,29 +216,9 @@ def saved_model_predict_fn(saved_model: str | Path) -> PredictFn:
 
 def tflite_predict_fn(path: str | Path) -> PredictFn:
     """A function running a ``.tflite`` model with the TFLite interpreter (LiteRT when installed)."""
-    path = Path(path)
-    try:
-        from ai_edge_litert.interpreter import Interpreter
-    except ImportError:
-        import tensorflow as tf
+    from ml.serving.runtimes import TFLiteRunner
 
-        Interpreter = tf.lite.Interpreter  # noqa: N806
-    with warnings.catch_warnings():
-        # tf.lite.Interpreter warns that it moves to ai_edge_litert; it still works in TF 2.21.
-        warnings.simplefilter("ignore")
-        interpreter = Interpreter(model_path=str(path))
-    (input_detail,) = interpreter.get_input_details()
-    (output_detail,) = interpreter.get_output_details()
-
-    def predict(x: np.ndarray) -> np.ndarray:
-        x = np.asarray(x, dtype=np.float32)
-        interpreter.resize_tensor_input(input_detail["index"], list(x.shape))
-        interpreter.allocate_tensors()
-        interpreter.set_tensor(input_detail["index"], x)
-        interpreter.invoke()
-        return np.array(interpreter.get_tensor(output_detail["index"]))
-
-    return predict
+    return TFLiteRunner(path)
 
 
 # -- verification ----------------------------------------------------------------------------------

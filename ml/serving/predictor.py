@@ -7,9 +7,12 @@ each time it loads, cached or not. A cached copy that fails is discarded and fet
 stored copy that fails raises `ModelVerificationError`. `ModelClient` keeps serving its last
 good model when a newly promoted one fails.
 
-Inputs follow ``preprocessing.json``: decode to RGB (`ml.data.images.load_rgb`), resize to
-``image_size`` square with cv2.INTER_AREA (`resize_square`), feed float32 pixels in [0, 255];
-the architecture's own preprocessing is a layer inside the model.
+Inputs follow ``preprocessing.json``: image files and bytes go through
+`ml.data.images.decode_resize`, the very function that filled the training cache (so train and
+serve see identical pixels); arrays are resized with cv2.INTER_AREA (`resize_square`); the model
+gets float32 RGB pixels in [0, 255], the architecture's own preprocessing being a layer inside it.
+The model runs compiled (``tf.function``) or, with ``runtime="tflite"``, as the version's
+model.tflite (`ml.serving.runtimes`): never eagerly.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import numpy as np
 from ml.errors import DataError, ModelVerificationError, StorageError
 from ml.io import read_json, sha256_file
 from ml.registry.layout import pointer_key, version_key
+from ml.serving.runtimes import COMPILED, PredictFn, check_runtime, predict_fn
 
 if TYPE_CHECKING:
     from ml.registry.store import ObjectStore
@@ -43,7 +47,7 @@ MAX_FILE_BYTES = 8 * 1024**3
 # preprocessing.json's image_size bounds (the training config's range): a crafted 10^6 must not
 # make a consumer allocate terabytes for one batch.
 IMAGE_SIZE_RANGE = (8, 2048)
-ImageInput = str | Path | np.ndarray
+ImageInput = str | Path | bytes | np.ndarray
 
 
 @dataclass
@@ -58,6 +62,7 @@ class Predictor:
         sha256: sha256 of the model.keras that was loaded.
         preprocessing: preprocessing.json as stored with the model.
         path: the folder the files were loaded from.
+        runtime: how the model runs: "compiled" (tf.function) or "tflite" (`ml.serving.runtimes`).
     """
 
     model: Any
@@ -67,6 +72,8 @@ class Predictor:
     sha256: str = ""
     preprocessing: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
+    runtime: str = "compiled"
+    _run: PredictFn | None = field(default=None, repr=False, compare=False)
 
     @property
     def model_path(self) -> Path:
@@ -76,23 +83,24 @@ class Predictor:
         return self.path / MODEL_FILE
 
     def _prepare_one(self, image: ImageInput, index: int) -> np.ndarray:
-        from ml.data.images import load_rgb, resize_square
+        from ml.data.images import decode_resize, load_resized, resize_square
 
         if isinstance(image, (str, Path)):
-            array = load_rgb(image)
-        else:
-            array = np.asarray(image)
-            if array.ndim == 2:  # grayscale: replicate, as cv2.IMREAD_COLOR does for files
-                array = np.repeat(array[:, :, None], 3, axis=2)
-            if array.ndim != 3 or array.shape[2] != 3:
-                raise DataError(f"image {index}: expected an RGB array of shape (H, W, 3), got {array.shape}")
-            if array.dtype != np.uint8:
-                if not np.isfinite(array).all() or array.min() < 0 or array.max() > 255:
-                    raise DataError(
-                        f"image {index}: pixel values must be in [0, 255] (RGB), got "
-                        f"[{array.min()}, {array.max()}] of dtype {array.dtype}"
-                    )
-                array = array.astype(np.float32)
+            return load_resized(image, self.image_size).astype(np.float32)
+        if isinstance(image, bytes):
+            return decode_resize(image, self.image_size, source=f"image {index}").astype(np.float32)
+        array = np.asarray(image)
+        if array.ndim == 2:  # grayscale: replicate, as cv2.IMREAD_COLOR does for files
+            array = np.repeat(array[:, :, None], 3, axis=2)
+        if array.ndim != 3 or array.shape[2] != 3:
+            raise DataError(f"image {index}: expected an RGB array of shape (H, W, 3), got {array.shape}")
+        if array.dtype != np.uint8:
+            if not np.isfinite(array).all() or array.min() < 0 or array.max() > 255:
+                raise DataError(
+                    f"image {index}: pixel values must be in [0, 255] (RGB), got "
+                    f"[{array.min()}, {array.max()}] of dtype {array.dtype}"
+                )
+            array = array.astype(np.float32)
         return resize_square(array, self.image_size).astype(np.float32)
 
     def prepare(self, images: Sequence[ImageInput]) -> np.ndarray:
@@ -105,11 +113,10 @@ class Predictor:
         """Class probabilities, shape (N, n_classes), rows in input order."""
         batch = self.prepare(images)
         out = np.zeros((len(batch), len(self.labels)), np.float32)
+        if self._run is None:
+            self._run = predict_fn(self.runtime, self.model, self.path, where=f"model {self.version or self.path}")
         for start in range(0, len(batch), batch_size):
-            # Calling the model directly skips predict()'s per-call dataset setup (much faster
-            # for the few images a request carries).
-            probs = self.model(batch[start : start + batch_size], training=False)
-            out[start : start + batch_size] = np.asarray(probs, dtype=np.float32)
+            out[start : start + batch_size] = self._run(batch[start : start + batch_size])
         return out
 
     def predict(self, images: Sequence[ImageInput], top_k: int = 5) -> list[list[dict[str, Any]]]:
@@ -159,8 +166,8 @@ def _verify_files(
     return model_sha
 
 
-def _load_folder(folder: Path, *, version: str | None, sha256: str, where: str) -> Predictor:
-    """Load model.keras, labels.json and preprocessing.json from a (verified) folder."""
+def _load_folder(folder: Path, *, version: str | None, sha256: str, where: str, runtime: str) -> Predictor:
+    """Load model.keras, labels.json and preprocessing.json from a (verified) folder; build its runtime."""
     from ml.models import load_model
 
     labels = _read_json(folder / LABELS_FILE, "labels file")
@@ -195,7 +202,9 @@ def _load_folder(folder: Path, *, version: str | None, sha256: str, where: str) 
         raise ModelVerificationError(
             f"{where}: the model has {out_units} outputs but labels.json lists {len(labels)} classes"
         )
-    log.info("loaded %s (%d classes, %d px, sha256 %s)", where, len(labels), size, sha256[:12])
+    run = predict_fn(runtime, model, folder, where=where)
+    log.info("loaded %s (%d classes, %d px, sha256 %s, runtime %s)", where, len(labels), size, sha256[:12],
+             runtime)
     return Predictor(
         model=model,
         labels=labels,
@@ -204,6 +213,8 @@ def _load_folder(folder: Path, *, version: str | None, sha256: str, where: str) 
         sha256=sha256,
         preprocessing=preprocessing,
         path=folder,
+        runtime=runtime,
+        _run=run,
     )
 
 
@@ -252,18 +263,26 @@ def _download_version(store: ObjectStore, model_name: str, version: str, files: 
 
 
 def load_version(
-    store: ObjectStore, model_name: str, version: str, *, cache_dir: Path, expected_sha256: str | None = None
+    store: ObjectStore,
+    model_name: str,
+    version: str,
+    *,
+    cache_dir: Path,
+    expected_sha256: str | None = None,
+    runtime: str = COMPILED,
 ) -> Predictor:
     """Fetch (once) and load a COMPLETE version, verifying sha256s every time.
 
     Args:
         expected_sha256: model.keras's sha256 from the pointer, checked as well when given.
+        runtime: "compiled" or "tflite" (the version's model.tflite; `ml.serving.runtimes`).
 
     Raises:
         ModelVerificationError: missing/incomplete version, checksum mismatch or unloadable model.
     """
     from ml.registry.versions import read_version
 
+    check_runtime(runtime)
     where = f"{model_name} version {version}"
     try:
         info = read_version(store, model_name, version)
@@ -279,7 +298,7 @@ def load_version(
     if dest.is_dir():
         try:
             sha = _verify_files(dest, files, expected_model_sha=expected_sha256, where=f"{where} (cached)")
-            return _load_folder(dest, version=version, sha256=sha, where=where)
+            return _load_folder(dest, version=version, sha256=sha, where=where, runtime=runtime)
         except ModelVerificationError as exc:
             # A damaged cache must not pin us to bad bytes: drop it and fetch the stored copy.
             log.warning("discarding cached %s: %s", where, exc)
@@ -293,10 +312,12 @@ def load_version(
     except ModelVerificationError:
         shutil.rmtree(dest, ignore_errors=True)  # never leave unverified bytes in the cache
         raise
-    return _load_folder(dest, version=version, sha256=sha, where=where)
+    return _load_folder(dest, version=version, sha256=sha, where=where, runtime=runtime)
 
 
-def load_production(store: ObjectStore, model_name: str, *, cache_dir: Path) -> Predictor:
+def load_production(
+    store: ObjectStore, model_name: str, *, cache_dir: Path, runtime: str = COMPILED
+) -> Predictor:
     """Load the version production.json points at (see `load_version`)."""
     from ml.registry.versions import read_pointer
 
@@ -306,25 +327,29 @@ def load_production(store: ObjectStore, model_name: str, *, cache_dir: Path) -> 
             f"{model_name} has no production model yet "
             f"({store.uri(pointer_key(model_name))} does not exist)"
         )
-    return _load_pointer(store, model_name, pointer, cache_dir=cache_dir)
+    return _load_pointer(store, model_name, pointer, cache_dir=cache_dir, runtime=runtime)
 
 
 def _load_pointer(
-    store: ObjectStore, model_name: str, pointer: dict[str, Any], *, cache_dir: Path
+    store: ObjectStore, model_name: str, pointer: dict[str, Any], *, cache_dir: Path, runtime: str
 ) -> Predictor:
     version, sha = pointer.get("version"), pointer.get("sha256")
     if not version or not sha:
         raise ModelVerificationError(
             f"{store.uri(pointer_key(model_name))} lacks version or sha256: {sorted(pointer)}"
         )
-    return load_version(store, model_name, str(version), cache_dir=cache_dir, expected_sha256=str(sha))
+    return load_version(
+        store, model_name, str(version), cache_dir=cache_dir, expected_sha256=str(sha), runtime=runtime
+    )
 
 
-def load_local(path: str | Path) -> Predictor:
+def load_local(path: str | Path, *, runtime: str = COMPILED) -> Predictor:
     """Load a model folder (or its model.keras) with labels.json and preprocessing.json beside it.
 
-    When a version.json is there too, its sha256s are checked.
+    When a version.json is there too, its sha256s are checked. ``runtime="tflite"`` needs a
+    model.tflite beside it.
     """
+    check_runtime(runtime)
     path = Path(path)
     folder = path.parent if path.is_file() else path
     where = f"local model {folder}"
@@ -334,8 +359,8 @@ def load_local(path: str | Path) -> Predictor:
     if version_file.is_file():
         info = _read_json(version_file, "version file")
         sha = _verify_files(folder, _checked_files(info.get("files"), where), expected_model_sha=None, where=where)
-        return _load_folder(folder, version=info.get("version"), sha256=sha, where=where)
-    return _load_folder(folder, version=None, sha256=sha256_file(folder / MODEL_FILE), where=where)
+        return _load_folder(folder, version=info.get("version"), sha256=sha, where=where, runtime=runtime)
+    return _load_folder(folder, version=None, sha256=sha256_file(folder / MODEL_FILE), where=where, runtime=runtime)
 
 
 class ModelClient:
@@ -346,10 +371,11 @@ class ModelClient:
     last good predictor keeps serving.
     """
 
-    def __init__(self, store: ObjectStore, model_name: str, *, cache_dir: Path) -> None:
+    def __init__(self, store: ObjectStore, model_name: str, *, cache_dir: Path, runtime: str = COMPILED) -> None:
         self.store = store
         self.model_name = model_name
         self.cache_dir = Path(cache_dir)
+        self.runtime = check_runtime(runtime)
         self.current: Predictor | None = None
         self.last_error: str | None = None
 
@@ -377,7 +403,9 @@ class ModelClient:
         ):
             return current
         try:
-            predictor = _load_pointer(self.store, self.model_name, pointer, cache_dir=self.cache_dir)
+            predictor = _load_pointer(
+                self.store, self.model_name, pointer, cache_dir=self.cache_dir, runtime=self.runtime
+            )
         except ModelVerificationError as exc:
             return self._keep(exc)
         if current is not None:

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ml.config import TrainConfig
+from ml.data.images import DECODE
 from ml.errors import ModelVerificationError
 from ml.io import staging_dir, to_jsonable, write_json
 from ml.training.callbacks import HISTORY_FILE, make_callbacks
@@ -359,6 +360,7 @@ def finish_candidate(
             "input_range": [0, 255],
             "dtype": "float32",
             "resize": "cv2.INTER_AREA, aspect ratio ignored",
+            "decode": DECODE,  # the cache's decode + resize: a consumer must use the same (ml.data.images)
             "preprocess": settings.preprocess,
             "architecture": settings.architecture,
         },

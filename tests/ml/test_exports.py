@@ -139,6 +139,27 @@ def test_verify_runtime_round_trip_through_the_predictor(built: dict) -> None:
     assert result["n"] == 6 and result["max_abs_diff"] <= ex.DEFAULT_ATOL
 
 
+def test_predictor_runtimes_agree_with_model_keras(built: dict, tmp_path: Path) -> None:
+    from ml.serving.predictor import load_local
+
+    folder = tmp_path / "with_tflite"
+    shutil.copytree(built["a"], folder)
+    shutil.copy(built["exports"][ex.TFLITE_FILE], folder / ex.TFLITE_FILE)
+    golden = ex.load_golden(built["exports"][ex.GOLDEN_FILE])
+    inputs = list(golden["inputs"])
+
+    compiled, tflite = load_local(folder), load_local(folder, runtime="tflite")
+    # Batch shapes change between calls (the interpreter re-allocates only then).
+    by_tflite = [tflite.predict_proba(inputs), tflite.predict_proba(inputs[:1]), tflite.predict_proba(inputs)]
+
+    assert tflite.runtime == "tflite" and compiled.runtime == "compiled"
+    np.testing.assert_allclose(compiled.predict_proba(inputs), golden["expected"], atol=1e-5)
+    np.testing.assert_allclose(by_tflite[0], golden["expected"], atol=ex.DEFAULT_ATOL)
+    np.testing.assert_allclose(by_tflite[1], golden["expected"][:1], atol=ex.DEFAULT_ATOL)
+    np.testing.assert_array_equal(by_tflite[2], by_tflite[0])
+    assert ex.verify_runtime(tflite.predict_proba, built["exports"][ex.GOLDEN_FILE], name="tflite")["ok"]
+
+
 def test_verify_runtime_refuses_a_runtime_that_drifts(built: dict) -> None:
     from ml.serving.predictor import load_local
 

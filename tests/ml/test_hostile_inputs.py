@@ -331,7 +331,7 @@ def test_evaluating_fifteen_hundred_classes_keeps_metrics_small(
 
     The model and its predictions are stand-ins (training 1,500 classes is not the point here).
     """
-    import ml.models
+    import ml.serving.predictor
     import ml.training.predict
     from ml.evaluation import scoring
     from ml.registry import layout, runs
@@ -344,11 +344,13 @@ def test_evaluating_fifteen_hundred_classes_keeps_metrics_small(
     probs /= probs.sum(axis=1, keepdims=True)
     labels = [f"class_{i:04d}" for i in range(k)]
 
-    class TinyModel:
-        inputs = [type("Input", (), {"shape": (None, 8, 8, 3)})()]
+    class TinyPredictor:
+        image_size = 8
+        batch_sizes: list[int] = []
 
-        def __call__(self, x: Any, training: bool = False) -> Any:
-            return x
+        def predict_proba(self, images: Any) -> Any:
+            self.batch_sizes.append(len(images))
+            return np.zeros((len(images), k), np.float32)
 
     config = PipelineConfig.from_dict({"work_dir": str(tmp_path / "work")})
     cand_dir = runs.local_run_dir(config, "run1") / "scratch_small"
@@ -356,11 +358,13 @@ def test_evaluating_fifteen_hundred_classes_keeps_metrics_small(
     (cand_dir / layout.CANDIDATE_MARKER).write_text("{}")
     (cand_dir / "model.keras").write_bytes(b"stand-in")
     monkeypatch.setattr(ml.training.predict, "predict_split", lambda *a, **kw: (y_true, probs, labels))
-    monkeypatch.setattr(ml.models, "load_model", lambda path: TinyModel())
+    monkeypatch.setattr(ml.serving.predictor, "load_local", lambda folder: TinyPredictor())
 
     metrics = scoring.evaluate_candidate(tmp_path, "scratch_small", config, None, "run1")
 
     assert "confusion" not in metrics and "1500 classes > 200" in metrics["confusion_omitted"]
+    # latency_ms is the serving predictor's, one image at a time (warm-up + timed calls).
+    assert TinyPredictor.batch_sizes and set(TinyPredictor.batch_sizes) == {1}
     assert (cand_dir / "metrics.json").stat().st_size < 1_000_000
     assert (cand_dir / "confusion.png").stat().st_size > 1000
     assert len((cand_dir / "confusion.csv").read_text().splitlines()) == k + 1

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from ml.data.image_cache import CacheCorruptError, ImageCache, build_image_cache, cache_folder
-from ml.data.images import load_rgb, resize_square
+from ml.data.images import load_resized
 from ml.errors import DataError
 
 SIZE = 32
@@ -28,7 +28,7 @@ def test_round_trip_matches_decode_and_resize(tiny_dataset: Path, tmp_path: Path
     assert cache.labels == sorted(ok["label"].unique())
     row = 5
     path = cache.index.loc[row, "path"]
-    expected = resize_square(load_rgb(tiny_dataset / path), SIZE)
+    expected = load_resized(tiny_dataset / path, SIZE)
     np.testing.assert_array_equal(cache.gather([row])[0], expected)
     label = ok.set_index("path").loc[path, "label"]
     assert cache.labels[cache.label_indices([row])[0]] == label
@@ -162,3 +162,29 @@ def test_the_lock_training_imports_from_here_is_ml_io_one() -> None:
     from ml.data.image_cache import exclusive_lock
 
     assert exclusive_lock is ml.io.exclusive_lock
+
+
+def test_gather_reads_any_rows_without_mapping_the_file(tiny_dataset: Path, tmp_path: Path) -> None:
+    cache = build_image_cache(tiny_dataset, SIZE, tmp_path, workers=1)
+    reference = np.fromfile(cache.folder / "images.u8", dtype=np.uint8).reshape(cache.meta["shape"])
+    assert cache._images is None  # nothing opened the memmap yet: gather must not need it
+    rows = np.array([30, 2, 3, 4, 2, 35, 0, 17, 18, 19, 1])  # unsorted, duplicates, runs, both ends
+
+    batch = cache.gather(rows)
+
+    np.testing.assert_array_equal(batch, reference[rows])
+    assert cache.gather([]).shape == (0, SIZE, SIZE, 3)
+    # Pages read by pread stay in the page cache; a memmap would put them in this process's RSS.
+    maps = Path("/proc/self/maps").read_text()
+    assert str(cache.folder / "images.u8") not in maps
+    with pytest.raises(DataError, match=r"rows must be in \[0, 36\), got 0\.\.36"):
+        cache.gather([0, 36])
+
+
+def test_gather_from_a_file_truncated_after_opening_is_an_error(fresh_dataset: Path, tmp_path: Path) -> None:
+    cache = build_image_cache(fresh_dataset, SIZE, tmp_path, workers=1)
+    with (cache.folder / "images.u8").open("r+b") as fh:
+        fh.truncate(SIZE * SIZE * 3 * 10 + 5)
+
+    with pytest.raises(CacheCorruptError, match="images.u8 ends at byte"):
+        cache.gather([9, 10, 11])

@@ -304,3 +304,66 @@ def test_a_pointer_naming_a_path_is_refused_and_the_client_keeps_serving(
 
     assert client.refresh().version == "v1"
     assert "invalid version id" in (client.last_error or "")
+
+
+# -- runtimes: the model runs compiled or as TFLite, never eagerly ----------------------------------
+
+
+def test_compiled_runtime_agrees_with_keras_and_traces_once_per_shape(model_dirs: dict) -> None:
+    predictor = load_local(model_dirs["a"])
+    rng = np.random.default_rng(0)
+    batches = [rng.uniform(0, 255, (n, SIZE, SIZE, 3)).astype(np.float32) for n in (1, 1, 5, 7, 32, 1)]
+
+    outputs = [predictor.predict_proba(list(batch)) for batch in batches]
+
+    reference = _build_model(1)
+    for batch, probs in zip(batches, outputs, strict=True):
+        np.testing.assert_allclose(probs, np.asarray(reference(batch)), atol=1e-5)
+    assert predictor.runtime == "compiled"
+    # One trace for the first shape, one with a free batch dimension for every later batch size.
+    assert predictor._run.graph_function.experimental_get_tracing_count() == 2
+
+
+def test_unknown_runtime_is_refused_with_the_known_ones(model_dirs: dict, store: ObjectStore, tmp_path: Path) -> None:
+    from ml.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"runtime must be one of compiled, tflite; got 'eager'"):
+        load_local(model_dirs["a"], runtime="eager")
+    with pytest.raises(ConfigError, match="runtime must be one of"):
+        ModelClient(store, MODEL, cache_dir=tmp_path, runtime="onnx")
+
+
+def test_tflite_runtime_without_a_tflite_file_says_so(model_dirs: dict) -> None:
+    with pytest.raises(ModelVerificationError, match=r"runtime 'tflite' needs model\.tflite.*use runtime 'compiled'"):
+        load_local(model_dirs["a"], runtime="tflite")
+
+
+def test_cli_runtime_is_validated(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    from ml.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["predict", "--runtime", "eager", str(tmp_path / "x.jpg")])
+
+    assert exit_info.value.code == 2
+    assert "argument --runtime: invalid choice: 'eager' (choose from 'compiled', 'tflite')" in capsys.readouterr().err
+
+
+def test_cli_predict_runs_the_runtime_asked_for(
+    model_dirs: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from ml import cli
+
+    monkeypatch.setenv("ML_WORK_DIR", str(tmp_path))
+    seen = []
+    real = serving.load_local
+    def load_local_spy(path: Path, *, runtime: str) -> serving.Predictor:
+        seen.append(runtime)
+        return real(path, runtime=runtime)
+
+    monkeypatch.setattr(serving, "load_local", load_local_spy)
+    image = _image(tmp_path, (10, 200, 30))
+
+    assert cli.main(["predict", "--model", str(model_dirs["a"]), str(image)]) == 0
+    assert cli.main(["predict", "--model", str(model_dirs["a"]), "--runtime", "tflite", str(image)]) == 2
+    assert seen == ["compiled", "tflite"]
+    assert "needs model.tflite" in capsys.readouterr().err

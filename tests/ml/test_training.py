@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 
 from ml.config import TrainConfig
+from ml.data.images import DECODE
 from ml.errors import ConfigError, DataError
 
 SIZE = 32
@@ -225,6 +226,7 @@ def test_scratch_training_writes_a_complete_folder(scratch_run: dict[str, Any], 
         "input_range": [0, 255],
         "dtype": "float32",
         "resize": "cv2.INTER_AREA, aspect ratio ignored",
+        "decode": DECODE,  # what the cache did, for a consumer to do the same
         "preprocess": "tf",
         "architecture": "scratch_tiny",
     }
@@ -270,9 +272,9 @@ def test_predict_split(scratch_run: dict[str, Any], tiny_dataset: Path, cache_ro
     assert labels == sorted(manifest["label"].unique())
     assert [labels[i] for i in y_true] == test["label"].tolist()
     assert probs.shape == (6, 3) and probs.dtype == np.float32
-    from ml.data.images import load_rgb, resize_square
+    from ml.data.images import load_resized
 
-    first = resize_square(load_rgb(tiny_dataset / test["path"].iloc[0]), SIZE).astype(np.float32)
+    first = load_resized(tiny_dataset / test["path"].iloc[0], SIZE).astype(np.float32)
     direct = load_model(scratch_run["out"] / "model.keras").predict(first[None], verbose=0)[0]
     np.testing.assert_allclose(probs[0], direct, rtol=1e-5, atol=1e-6)
 
