@@ -26,7 +26,8 @@ class _Killed(RuntimeError):
 
 
 def _config(candidate: str, **kwargs: Any) -> TrainConfig:
-    base = {"candidates": (candidate,), "epochs": EPOCHS, "head_epochs": EPOCHS, "image_size": SIZE, "batch_size": 8, "weights": "none",
+    base = {"candidates": (candidate,), "epochs": EPOCHS, "head_epochs": EPOCHS, "image_size": SIZE, "batch_size": 8,
+            "weights": "none",
             "seed": 7}
     return TrainConfig(**{**base, **kwargs})
 
