@@ -18,7 +18,7 @@ $(STAMP): requirements.txt constraints.txt
 
 venv: $(STAMP)  ## create .venv and install requirements.txt
 
-demo: $(STAMP)  ## run the retraining DAG end to end on a generated sample (offline, ~5 min)
+demo: $(STAMP)  ## run the retraining DAG end to end on a generated sample (offline; see README for timings)
 	$(PY) scripts/devstack.py demo
 
 up: $(STAMP)  ## start the demo object store and `airflow standalone` (UI: http://localhost:8080)

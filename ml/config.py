@@ -88,6 +88,9 @@ class DataConfig:
     min_classes: int = 2
     min_images_per_class: int = 5
     max_quarantined_fraction: float = 0.05
+    # Identical bytes under two labels: every copy is quarantined and warned about; the run stops
+    # only above this share of all images (public datasets carry a few: 0.2% of one 4,000-photo set).
+    max_label_conflict_fraction: float = 0.01
     min_width: int = 32
     min_height: int = 32
     allowed_labels: tuple[str, ...] | None = None
@@ -128,6 +131,11 @@ class DataConfig:
                  f"data.min_images_per_class must be >= 1, got {self.min_images_per_class}")
         _require(0 <= self.max_quarantined_fraction <= 1,
                  f"data.max_quarantined_fraction must be in [0, 1], got {self.max_quarantined_fraction}")
+        _require(isinstance(self.max_label_conflict_fraction, (int, float))
+                 and not isinstance(self.max_label_conflict_fraction, bool)
+                 and 0 <= self.max_label_conflict_fraction <= 1,
+                 f"data.max_label_conflict_fraction must be a number in [0, 1], got "
+                 f"{self.max_label_conflict_fraction!r}")
         _require(self.max_compression_ratio > 1,
                  f"data.max_compression_ratio must be > 1, got {self.max_compression_ratio}")
         for name in ("max_archive_bytes", "max_archive_entries", "max_image_pixels", "max_image_bytes",

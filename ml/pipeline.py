@@ -79,6 +79,8 @@ def validate_stage(dataset: DatasetRef, config: PipelineConfig, store: ObjectSto
         log.info("quality: %s", line)
     result = {"success": report.success, "failures": list(report.failures),
               "warnings": list(report.warnings), "uris": uris}
+    if report.statistics.get("label_conflicts"):
+        result["label_conflicts"] = report.statistics["label_conflicts"]
     write_json(out_dir / "summary.json", result)
     report.raise_for_failures()
     return result

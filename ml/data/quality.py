@@ -2,10 +2,11 @@
 
 GX runs on four small pandas frames built here (`ml.data.quality_suite` holds the expectations):
 
-- ``manifest``: every row — schema, labels present, no label conflicts, duplicates (warning);
+- ``manifest``: every row — schema, labels present, label conflicts and duplicates (warnings);
 - ``ok_images``: ok rows — sizes, allowed labels, every ok file decoded;
 - ``per_class``: one row per class — images per class (failing minimum, warning minimum);
-- ``dataset``: one row — number of classes, quarantined fraction, imbalance, near-duplicate leaks.
+- ``dataset``: one row — number of classes, quarantined and label-conflict fractions, imbalance,
+  near-duplicate leaks.
 
 The outcome is a `QualityReport`, written as ``quality.json`` and as the self-contained
 ``quality.html`` of `ml.data.quality_page`.
@@ -19,10 +20,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ml.data.manifest import COLUMNS, MANIFEST_FILE, OK
+from ml.data.manifest import COLUMNS, LABEL_CONFLICT, MANIFEST_FILE, OK
 from ml.data.near_duplicates import NearDuplicates, near_duplicate_groups
 from ml.data.quality_page import render_html
-from ml.data.quality_suite import FAILING, build_checks, run_suites
+from ml.data.quality_suite import FAILING, build_checks, conflict_text, run_suites
 from ml.errors import DataError, DataQualityError
 from ml.io import to_jsonable, write_atomic, write_json
 
@@ -35,6 +36,9 @@ log = logging.getLogger(__name__)
 
 MAX_LISTED_FAILURES = 10
 MAX_LEAK_EXAMPLES = 3
+# quality.json, the run report and XCom list at most this many label-conflict groups (each a few
+# files); the count and fraction always cover all of them.
+MAX_LISTED_CONFLICT_GROUPS = 50
 
 
 @dataclass
@@ -121,6 +125,22 @@ def _leaks(manifest: pd.DataFrame, near: NearDuplicates) -> Leaks:
     return Leaks(len(straddling), int((train[straddling] * test[straddling]).sum()), examples)
 
 
+def label_conflicts(manifest: pd.DataFrame, limit: int = MAX_LISTED_CONFLICT_GROUPS) -> list[dict[str, Any]]:
+    """Groups of files with identical bytes under different labels, by sha256 then path.
+
+    Returns:
+        Up to `limit` groups ``{"sha256", "files": [{"path", "label"}, ...]}``.
+    """
+    rows = manifest[manifest["status"] == LABEL_CONFLICT].sort_values(["sha256", "path"], kind="stable")
+    groups = []
+    for sha, group in rows.groupby("sha256", sort=True):
+        if len(groups) == limit:
+            break
+        files = [{"path": str(p), "label": str(lb)} for p, lb in zip(group["path"], group["label"], strict=True)]
+        groups.append({"sha256": str(sha), "files": files})
+    return groups
+
+
 def _statistics(
     manifest: pd.DataFrame,
     per_class: pd.DataFrame,
@@ -129,12 +149,15 @@ def _statistics(
 ) -> dict[str, Any]:
     ok = manifest[manifest["status"] == OK]
     n = len(manifest)
+    n_conflicts = int((manifest["status"] == LABEL_CONFLICT).sum())
     counts = per_class["n_ok"] if not per_class.empty else None
     stats: dict[str, Any] = {
         "n_images": int(n),
         "n_ok": int(len(ok)),
         "n_quarantined": int(n - len(ok)),
         "quarantined_fraction": round((n - len(ok)) / n, 6) if n else 0.0,
+        "n_label_conflicts": n_conflicts,
+        "label_conflict_fraction": round(n_conflicts / n, 6) if n else 0.0,
         "n_classes": int(len(per_class)),
         "status_counts": {str(k): int(v) for k, v in manifest["status"].value_counts().items()},
         "images_per_class": {str(r.label): int(r.n_ok) for r in per_class.itertuples()},
@@ -190,9 +213,14 @@ def validate_dataset(dataset_dir: Path, config: DataConfig, *, out_dir: Path | N
     near = near_duplicate_groups(manifest)
     leaks = _leaks(manifest, near) if has_splits else None
     stats = _statistics(manifest, per_class, near, leaks)
+    stats["label_conflicts"] = label_conflicts(manifest)
+    if stats["n_label_conflicts"]:
+        log.warning("label conflict: %d image(s) quarantined, identical bytes under different labels: %s",
+                    stats["n_label_conflicts"], conflict_text(stats["label_conflicts"]))
     dataset_row = {
         k: [stats[k]]
-        for k in ("n_images", "n_ok", "n_quarantined", "quarantined_fraction", "n_classes", "imbalance_ratio")
+        for k in ("n_images", "n_ok", "n_quarantined", "quarantined_fraction", "label_conflict_fraction",
+                  "n_classes", "imbalance_ratio")
     }
     dataset_row["near_duplicates_across_train_test"] = [leaks.pairs if leaks is not None else 0]
     frames = {

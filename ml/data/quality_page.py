@@ -111,6 +111,21 @@ def _check_row(check: dict[str, Any], found: dict[str, Any]) -> str:
     )
 
 
+def conflicts_html(groups: list[dict[str, Any]], heading: str = "h2") -> str:
+    """The quarantined label conflicts as a table (one row per file, grouped by content), or ""."""
+    if not groups:
+        return ""
+    rows = "".join(
+        f"<tr><td><code>{esc(str(g.get('sha256', ''))[:12])}</code></td><td>{esc(str(f.get('path', '')))}</td>"
+        f"<td>{esc(str(f.get('label', '')))}</td></tr>"
+        for g in groups
+        for f in g.get("files", [])
+    )
+    return (f"<{heading}>Label conflicts (quarantined)</{heading}><p>Identical bytes under different labels: "
+            f"every copy is left out of training and testing.</p><table><tr><th>content sha256</th><th>file</th>"
+            f"<th>label</th></tr>{rows}</table>")
+
+
 def render_html(report: QualityReport) -> str:
     """A self-contained HTML page of the report: no script, no external assets, data escaped.
 
@@ -127,7 +142,7 @@ def render_html(report: QualityReport) -> str:
     stats_rows = "".join(
         f"<tr><th>{esc(str(k))}</th><td>{cell(v)}</td></tr>"
         for k, v in report.statistics.items()
-        if k != "images_per_class"
+        if k not in ("images_per_class", "label_conflicts")
     )
     per_class = report.statistics.get("images_per_class", {})
     class_rows = "".join(f"<tr><td>{esc(str(k))}</td><td>{esc(str(v))}</td></tr>" for k, v in per_class.items())
@@ -140,6 +155,7 @@ def render_html(report: QualityReport) -> str:
 <h2>Expectations</h2>
 <table><tr><th>check</th><th>expectation</th><th>data</th><th>rule</th><th>observed</th>
 <th>unexpected examples</th><th>severity</th><th>result</th></tr>{check_rows}</table>
+{conflicts_html(report.statistics.get("label_conflicts") or [])}
 <h2>Statistics</h2><table>{stats_rows}</table>
 <h2>Ok images per class</h2><table><tr><th>class</th><th>images</th></tr>{class_rows}</table>"""
     return html_page("Data quality report", body, css=PAGE_CSS)

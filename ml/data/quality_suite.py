@@ -30,6 +30,8 @@ WARNING = "warning"
 # Same characters as ml.data.extract.CONTROL_CHARACTERS, spelled with escapes so the
 # expectation's JSON and the quality page show it readably.
 LABEL_CONTROL_REGEX = r"[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]"
+# Label-conflict groups a message names file by file (quality.json lists more).
+MAX_NAMED_CONFLICT_GROUPS = 10
 
 
 @dataclass
@@ -97,17 +99,20 @@ def build_checks(
         lambda: [f"{int(manifest['label'].isna().sum())} image(s) have no label"],
         column="label",
     )
+    conflicts = stats.get("label_conflicts", [])
     add(
-        "no_label_conflicts",
-        "manifest",
+        "label_conflict_fraction",
+        "dataset",
         FAILING,
-        ge.ExpectColumnValuesToNotBeInSet,
+        ge.ExpectColumnValuesToBeBetween,
         lambda: [
-            f"{len(paths_with(LABEL_CONFLICT))} image(s) have identical bytes under different labels "
-            f"(label conflict), e.g. {paths_with(LABEL_CONFLICT)[:3]}"
+            f"{stats['n_label_conflicts']} of {stats['n_images']} images ({stats['label_conflict_fraction']:.1%}) "
+            f"have identical bytes under different labels (label conflict), more than "
+            f"data.max_label_conflict_fraction={config.max_label_conflict_fraction:.1%}: fix the labels or raise "
+            f"the setting; {conflict_text(conflicts)}"
         ],
-        column="status",
-        value_set=[LABEL_CONFLICT],
+        column="label_conflict_fraction",
+        max_value=config.max_label_conflict_fraction,
     )
     add(
         "quarantined_fraction",
@@ -293,6 +298,18 @@ def build_checks(
         min_value=config.warn_images_per_class,
     )
     add(
+        "no_label_conflicts",
+        "manifest",
+        WARNING,
+        ge.ExpectColumnValuesToNotBeInSet,
+        lambda: [
+            f"{stats['n_label_conflicts']} image(s) with identical bytes under different labels were quarantined "
+            f"(label conflict; not trained or tested on): {conflict_text(conflicts)}"
+        ],
+        column="status",
+        value_set=[LABEL_CONFLICT],
+    )
+    add(
         "no_duplicates",
         "manifest",
         WARNING,
@@ -305,6 +322,16 @@ def build_checks(
         value_set=[DUPLICATE],
     )
     return checks
+
+
+def conflict_text(groups: list[dict[str, Any]], limit: int = MAX_NAMED_CONFLICT_GROUPS) -> str:
+    """``'a.jpg' ('cat') = 'b.jpg' ('dog'); ...`` for the first `limit` groups, names quoted."""
+    shown = [
+        " = ".join(f"{shown_name(f['path'])} ({shown_name(f['label'])})" for f in group["files"])
+        for group in groups[:limit]
+    ]
+    more = len(groups) - limit
+    return "; ".join(shown) + (f"; ... and {more} more group(s)" if more > 0 else "")
 
 
 def _gx_context() -> Any:

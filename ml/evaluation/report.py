@@ -283,7 +283,13 @@ def quality_section(quality: Mapping[str, Any] | None) -> str:
                          + "".join(f"<li>{esc(item)}</li>" for item in items) + "</ul>")
         else:
             parts.append(f"<p class=\"muted\">No {title.lower()}.</p>")
-    rest = {k: v for k, v in quality.items() if k not in ("failures", "warnings", "success", "passed", "ok")}
+    conflicts = quality.get("label_conflicts")
+    if isinstance(conflicts, list) and conflicts:
+        from ml.data.quality_page import conflicts_html
+
+        parts.append(conflicts_html(conflicts, heading="h3"))
+    rest = {k: v for k, v in quality.items()
+            if k not in ("failures", "warnings", "success", "passed", "ok", "label_conflicts")}
     if rest:
         parts.append("<details><summary>Details</summary>" + _kv_table(rest) + "</details>")
     return "\n".join(parts)

@@ -104,6 +104,29 @@ def weights_id(
     return "file-" + sha256_file(resolved)[:16]
 
 
+# Where keras.applications downloads its weight files from.
+KERAS_WEIGHTS_HOST = "storage.googleapis.com"
+
+
+def imagenet_source(arch: str | ArchitectureSpec, image_size: int, *, alpha: float | None = None,
+                    timeout: float = 3.0) -> str:
+    """Where ImageNet weights would come from: "cached", "reachable" (download host answers) or "offline".
+
+    A TCP connect with `timeout` seconds, no download: callers that want the file then ask
+    `resolve_weights("imagenet", ...)`, which fetches it.
+    """
+    import socket
+
+    spec = arch if isinstance(arch, ArchitectureSpec) else get_architecture(arch)
+    if (keras_models_dir() / spec.weights_file_name(image_size, alpha)).is_file():
+        return "cached"
+    try:
+        with socket.create_connection((KERAS_WEIGHTS_HOST, 443), timeout=timeout):
+            return "reachable"
+    except OSError:
+        return "offline"
+
+
 def _ensure_imagenet(spec: ArchitectureSpec, image_size: int, alpha: float | None) -> None:
     file_name = spec.weights_file_name(image_size, alpha)
     folder = keras_models_dir()

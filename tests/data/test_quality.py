@@ -83,13 +83,15 @@ def test_bad_dataset_fails_with_readable_messages(good_dataset: Path, tmp_path: 
     assert f"class {labels[0]!r} has 2 ok images, minimum is 3" in text
     assert "class 'stowaway' has 1 ok images, minimum is 3" in text
     assert "7 of 18 images are quarantined (38.9%), maximum is 10.0%" in text
-    assert "2 image(s) have identical bytes under different labels" in text
+    assert "2 of 18 images (11.1%) have identical bytes under different labels (label conflict), more than " \
+        "data.max_label_conflict_fraction=1.0%" in text
     assert "1 ok image(s) are narrower than 16 px (smallest 8 px)" in text
     assert "label(s) ['stowaway'] are not in data.allowed_labels" in text
     assert "the dataset has 4 class(es) with ok images, minimum is 5" in text
     assert "1 near-duplicate pair(s) straddle train and test" in text
     warnings = "\n".join(report.warnings)
     assert "1 duplicate file(s)" in warnings
+    assert "2 image(s) with identical bytes under different labels were quarantined" in warnings
     assert "fewer than the recommended 5" in warnings and "ratio 5.0, warning above 2" in warnings
     assert "FAILED" in (tmp_path / "out" / "quality.html").read_text()
     with pytest.raises(DataQualityError, match="data quality suite failed with 8 failure") as err:
