@@ -1,9 +1,8 @@
 """One Keras model that averages the probabilities of several trained candidates.
 
 Each member keeps its own preprocessing layer inside it, so the ensemble takes what every model of
-this project takes: RGB float32 pixels in [0, 255], at the largest member's input size. Members
-trained at a smaller size get a bilinear `Resizing` layer in front of them (TFLite has a builtin for
-it). No Lambda layers: the model loads with ``safe_mode=True`` like any other candidate.
+this project takes: RGB float32 pixels in [0, 255], at the members' (shared) input size. No Lambda
+layers: the model loads with ``safe_mode=True`` like any other candidate.
 """
 
 from __future__ import annotations
@@ -40,17 +39,19 @@ def build_ensemble(members: Sequence[keras.Model], weights: Sequence[float], *, 
     widths = {str(n): int(m.output_shape[-1]) for m, n in zip(members, names, strict=True)}
     if len(set(widths.values())) != 1:
         raise DataError(f"ensemble members predict different numbers of classes: {widths}")
-    size = max(int(m.input_shape[1]) for m in members)
+    sizes = {str(n): int(m.input_shape[1]) for m, n in zip(members, names, strict=True)}
+    if len(set(sizes.values())) != 1:
+        # A Resizing layer in front of a member exported to a SavedModel that disagreed with model.keras
+        # on the golden images (max probability difference 0.29), so members must share their input size.
+        raise DataError(f"ensemble members were trained at different image sizes {sizes}: train them at one "
+                        "size (train.image_size) to ensemble them")
+    size = next(iter(sizes.values()))
     inputs = keras.Input((size, size, 3), name="image")
     outputs = []
     for index, (member, member_name) in enumerate(zip(members, names, strict=True)):
         safe = re.sub(r"[^A-Za-z0-9_]", "_", str(member_name))
         # A fresh wrapper over the member's own graph: unique layer names inside the ensemble.
         wrapped = keras.Model(member.inputs[0], member.outputs[0], name=f"member{index}_{safe}")
-        own_size = int(member.input_shape[1])
-        x = inputs
-        if own_size != size:
-            x = keras.layers.Resizing(own_size, own_size, interpolation="bilinear", name=f"resize{index}")(x)
-        outputs.append(wrapped(x))
+        outputs.append(wrapped(inputs))
     average = ProbabilityAverage(member_weights=list(weights), name="average")(outputs)
     return keras.Model(inputs, average, name=name)

@@ -350,6 +350,11 @@ def candidate_names(*, include_finetune: bool = False, include_ensembles: bool =
     return names
 
 
+def candidate_choices() -> list[str]:
+    """What train.candidates (and the trigger form) may list: trainable candidates and ensembles."""
+    return candidate_names(include_ensembles=True)
+
+
 def is_ensemble(name: object) -> bool:
     """Whether a candidate name is an ``ensemble_top<k>`` (valid k or not)."""
     return str(name).startswith(ENSEMBLE_PREFIX)
