@@ -196,3 +196,14 @@ def test_a_trained_ensemble_passes_the_gate_and_ships_verified_exports(tmp_path,
     keys = set(store.list_keys(layout.version_prefix(config.storage.model_name, "v-ensemble")))
     for name in ("model.keras", "saved_model.zip", "model.tflite", "golden.npz", "COMPLETE"):
         assert layout.version_key(config.storage.model_name, "v-ensemble", name) in keys, name
+
+
+def test_ensemble_names_are_checked_before_keys_are_built():
+    from ml.errors import UnsafeNameError
+    from ml.registry import layout
+
+    assert layout.candidate_prefix("m", "r", "ensemble_top3").endswith("/ensemble_top3/")
+    with pytest.raises(UnsafeNameError):
+        layout.check_candidate("ensemble_top3/../../victim")
+    with pytest.raises(ConfigError, match="got k=12"):
+        layout.check_candidate("ensemble_top12")
