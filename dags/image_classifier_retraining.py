@@ -10,7 +10,8 @@ S3-compatible object storage, only when it beats the model in production.
 **prepare** (decoded-image cache shared by the trainers) →
 **train** (one mapped task per candidate, in the `training` pool) →
 **finetune** (top-k transfer candidates, backbone unfrozen from its boundary layer) →
-**evaluate** (every candidate and the production model on the same test split) →
+**evaluate** (builds each `ensemble_top<k>` candidate from the k best on validation, then scores every
+candidate and the production model on the same test split) →
 **gate** (min_delta, floors, per-class non-regression) →
 **promote** (immutable version, conditional pointer swap; emits the production Asset).
 
@@ -49,7 +50,7 @@ from ml.config import (
     PRODUCTION_ASSET_URI,
     max_run_minutes,
 )
-from ml.models.registry import candidate_names
+from ml.models.registry import candidate_choices, candidate_names
 
 PRODUCTION_MODEL = Asset(name=PRODUCTION_ASSET_NAME, uri=PRODUCTION_ASSET_URI)
 # Cron or preset (default weekly); "none": triggers only; "asset:<uri>": data-aware. From the
@@ -88,7 +89,7 @@ PARAMS = {
     "source": _param("string", "Dataset source", "kaggle:competitions/<slug>, kaggle:datasets/<owner>/<slug>, "
                      "s3://bucket/prefix, a .zip or a folder. Empty: data.source from the config file."),
     "candidates": _param("array", "Candidates", "Models to train in parallel, one task each. Empty: train.candidates.",
-                         examples=candidate_names(), items={"type": "string", "enum": candidate_names()}, minItems=1),
+                         examples=candidate_names(), items={"type": "string", "enum": candidate_choices()}, minItems=1),
     "epochs": _param("integer", "Epochs", "Maximum epochs per candidate (early stopping may end sooner). "
                      "Empty: train.epochs.", minimum=1, maximum=200),
     "image_size": _param("integer", "Image size (px)", "Square input size for every candidate. "
@@ -170,7 +171,7 @@ def prepare(dataset: dict) -> list[str]:
 
     config = _config()
     prepare_stage(dataset, config)
-    return list(config.train.candidates)
+    return list(config.train.trained_candidates)
 
 
 @task(**TRAINING)
@@ -207,7 +208,7 @@ def finetune(dataset: dict, transfer_candidate: str) -> dict:
 # the store, so retried or cleared tasks are picked up as published.
 @task(trigger_rule="none_failed_min_one_success")
 def evaluate(dataset: dict) -> dict:
-    """Every candidate and the production model on the same test split; the leaderboard."""
+    """Build the ensemble_top<k> candidates, then score every candidate and production on the test split."""
     from ml.pipeline import evaluate_stage
     from ml.registry.runs import published_candidates
 

@@ -190,7 +190,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"skipped: {verdict['reason']}")
         return 0
     prepare_stage(dataset, config)
-    results = [train_stage(dataset, c, config, store, run_id) for c in config.train.candidates]
+    results = [train_stage(dataset, c, config, store, run_id) for c in config.train.trained_candidates]
     results += [finetune_stage(dataset, c, config, store, run_id)
                 for c in select_for_finetuning(results, config)]
     evaluation = evaluate_stage(dataset, results, config, store, run_id)

@@ -41,7 +41,7 @@ def _check_registry_name(name: object, setting: str) -> None:
 
     try:
         check_candidate(name)
-    except (UnknownArchitectureError, UnsafeNameError) as exc:
+    except (UnknownArchitectureError, UnsafeNameError, ConfigError) as exc:
         raise ConfigError(f"{setting}: {exc}") from None
 
 
@@ -254,11 +254,12 @@ class TrainConfig:
         _require(len(cands) > 0, "train.candidates must name at least one candidate")
         _require(len(set(cands)) == len(cands), f"train.candidates has duplicates: {list(cands)}")
         for name in cands:
-            _require(isinstance(name, str) and name.startswith(("scratch_", "transfer_")),
-                     f"candidate {name!r} must start with 'scratch_' or 'transfer_'")
+            _require(isinstance(name, str) and name.startswith(("scratch_", "transfer_", "ensemble_top")),
+                     f"candidate {name!r} must start with 'scratch_', 'transfer_' or 'ensemble_top'")
             _check_registry_name(name, "train.candidates")
         for name in self.candidate_options:
             _check_registry_name(name, "train.candidate_options")
+        _check_ensembles(self)
         for name, bounds in (("epochs", EPOCHS_RANGE), ("image_size", IMAGE_SIZE_RANGE),
                              ("batch_size", BATCH_SIZE_RANGE), ("finetune_epochs", EPOCHS_RANGE),
                              ("checkpoint_every_epochs", EPOCHS_RANGE), ("head_epochs", EPOCHS_RANGE)):
@@ -277,6 +278,39 @@ class TrainConfig:
     def options_for(self, candidate: str) -> dict[str, Any]:
         """Per-candidate settings (e.g. MobileNet's alpha) from `candidate_options`."""
         return dict(self.candidate_options.get(candidate, {}))
+
+    @property
+    def trained_candidates(self) -> tuple[str, ...]:
+        """The candidates a training task trains (every one but the ensembles)."""
+        from ml.models.registry import is_ensemble
+
+        return tuple(name for name in self.candidates if not is_ensemble(name))
+
+    @property
+    def ensembles(self) -> tuple[str, ...]:
+        """The ``ensemble_top<k>`` candidates, built once training and fine-tuning are done."""
+        from ml.models.registry import is_ensemble
+
+        return tuple(name for name in self.candidates if is_ensemble(name))
+
+
+def _check_ensembles(train: TrainConfig) -> None:
+    """Each ensemble's k fits the members this config can train, and its options are known ones."""
+    from ml.models.registry import ensemble_size, ensemble_weighting, is_ensemble
+
+    transfer = sum(name.startswith("transfer_") for name in train.trained_candidates)
+    members = len(train.trained_candidates) + min(train.finetune_top_k, transfer)
+    for name in train.ensembles:
+        k = ensemble_size(name)
+        _require(k <= members, f"train.candidates: {name} averages {k} members but this config trains only "
+                               f"{members} ({len(train.trained_candidates)} candidates + "
+                               f"{min(train.finetune_top_k, transfer)} fine-tuned); lower k or add candidates")
+    for name, options in train.candidate_options.items():
+        if is_ensemble(name):
+            try:
+                ensemble_weighting(name, options)
+            except ConfigError as exc:
+                raise ConfigError(f"train.candidate_options.{name}: {exc}") from None
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ by calling the module that owns it, publishes what it made under the run's prefi
 and returns a small JSON-able dict for XCom. Every stage is idempotent for the same inputs: a
 retried task finds what its previous attempt published and reuses it.
 
-    ingest -> validate -> should_train -> prepare -> train / finetune -> evaluate -> gate -> promote
+    ingest -> validate -> should_train -> prepare -> train / finetune -> (ensemble) evaluate -> gate -> promote
 
 Where the pieces live: store keys `ml.registry.layout`, run artifacts `ml.registry.runs`,
 scoring `ml.evaluation.scoring`, version packaging `ml.registry.packaging`, the promotion
@@ -224,12 +224,41 @@ def finetune_stage(dataset: DatasetRef, transfer_candidate: str, config: Pipelin
     return _published(store, config, run_id, candidate, out_dir, summary, checkpoints)
 
 
+def ensemble_stage(dataset: DatasetRef, config: PipelineConfig, store: ObjectStore | None,
+                   run_id: str) -> list[dict[str, Any]]:
+    """Build and publish every ``ensemble_top<k>`` of train.candidates from the run's published candidates."""
+    from ml.models.registry import is_ensemble
+    from ml.registry.runs import published_candidates
+    from ml.training.ensemble import build_ensemble_candidate, score_members
+
+    results, pending = [], []
+    for name in config.train.ensembles:
+        published = published_summary(store, config, run_id, layout.check_candidate(name))
+        if published is None:
+            pending.append(name)
+        else:
+            log.info("ensemble %s: already published by an earlier attempt, reusing it", name)
+            results.append(published)
+    if not pending:
+        return results
+    members = [s["candidate"] for s in published_candidates(config, store, run_id) if not is_ensemble(s["candidate"])]
+    folders = {name: ensure_candidate_local(store, config, run_id, name) for name in members}
+    dataset_dir = local_dataset(config, store, dataset)
+    scored = score_members(dataset_dir, folders, cache_root=cache_root(config))
+    for name in pending:
+        out_dir = fresh_dir(local_run_dir(config, run_id) / name)
+        summary = build_ensemble_candidate(dataset_dir, name, scored, out_dir, config.train, metric=config.gate.metric)
+        results.append(publish_candidate(store, config, run_id, name, out_dir, summary))
+    return results
+
+
 # --------------------------------------------------------------------------- evaluation
 
 
 def evaluate_stage(dataset: DatasetRef, results: Sequence[Mapping[str, Any] | None], config: PipelineConfig,
                    store: ObjectStore | None, run_id: str) -> dict[str, Any]:
-    """Score every candidate and the production model on the test split; publish the leaderboard."""
+    """Build the configured ensembles (`ensemble_stage`), score every candidate and the production model on
+    the test split; publish the leaderboard."""
     from ml.evaluation.leaderboard import (
         apply_budgets,
         best_candidate,
@@ -239,9 +268,12 @@ def evaluate_stage(dataset: DatasetRef, results: Sequence[Mapping[str, Any] | No
     )
     from ml.evaluation.scoring import cost_fields, evaluate_candidate, score_fields
 
+    # Ensembles need every member published, which is the case once training and fine-tuning are done.
+    by_name = {r["candidate"]: r for r in filter(None, results)}
+    by_name.update({r["candidate"]: r for r in ensemble_stage(dataset, config, store, run_id)})
     dataset_dir = local_dataset(config, store, dataset)
     entries = []
-    for result in filter(None, results):
+    for result in by_name.values():
         metrics = evaluate_candidate(dataset_dir, result["candidate"], config, store, run_id)
         entries.append({**cost_fields(result), **score_fields(metrics), "candidate": result["candidate"],
                         "status": "ok"})

@@ -21,7 +21,7 @@ _TORCH_MEAN = (0.485, 0.456, 0.406)  # RGB, after scaling to [0, 1]
 _TORCH_STD = (0.229, 0.224, 0.225)
 _CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)  # BGR, pixels in [0, 255]
 
-_LAYER_NAMES = ("ImagePreprocessing",)
+_LAYER_NAMES = ("ImagePreprocessing", "ProbabilityAverage")
 
 
 @functools.cache
@@ -66,7 +66,35 @@ def custom_objects() -> dict[str, type]:
         def get_config(self) -> dict[str, Any]:
             return {**super().get_config(), "mode": self.mode}
 
-    return {"ImagePreprocessing": ImagePreprocessing}
+    @keras.saving.register_keras_serializable(package="ml")
+    class ProbabilityAverage(keras.layers.Layer):
+        """Weighted mean of several (N, K) probability tensors: sum_i weights[i] * inputs[i].
+
+        The weights are fixed (an ensemble's, chosen on validation), non-negative and sum to 1.
+        """
+
+        def __init__(self, member_weights: Any = None, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            values = [float(w) for w in (member_weights or [])]
+            if len(values) < 2 or min(values) < 0 or abs(sum(values) - 1.0) > 1e-6:
+                raise ConfigError(f"ProbabilityAverage needs >= 2 non-negative weights summing to 1, got {values}")
+            self.member_weights = values
+
+        def call(self, inputs: Any) -> Any:
+            if len(inputs) != len(self.member_weights):
+                raise ConfigError(f"ProbabilityAverage has {len(self.member_weights)} weights for {len(inputs)} inputs")
+            total = inputs[0] * self.member_weights[0]
+            for tensor, weight in zip(inputs[1:], self.member_weights[1:], strict=True):
+                total = total + ops.cast(tensor, total.dtype) * weight
+            return total
+
+        def compute_output_shape(self, input_shape: Any) -> Any:
+            return input_shape[0]
+
+        def get_config(self) -> dict[str, Any]:
+            return {**super().get_config(), "member_weights": list(self.member_weights)}
+
+    return {"ImagePreprocessing": ImagePreprocessing, "ProbabilityAverage": ProbabilityAverage}
 
 
 def __getattr__(name: str) -> Any:

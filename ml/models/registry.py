@@ -7,8 +7,9 @@ fine-tuning boundary layer, ImageNet weight file name); each from-scratch CNN is
 `candidate_names()`, so nothing here imports Keras at module level: `build_backbone`
 imports it when called.
 
-Candidate names: ``scratch_<variant>``, ``transfer_<architecture>`` and, made from a trained
-transfer candidate, ``finetune_<architecture>``.
+Candidate names: ``scratch_<variant>``, ``transfer_<architecture>``, made from a trained
+transfer candidate ``finetune_<architecture>``, and ``ensemble_top<k>``: the k best trained
+candidates of the run (on validation) averaged into one model (`ml.training.ensemble`).
 """
 
 from __future__ import annotations
@@ -23,7 +24,11 @@ from ml.errors import ConfigError, UnknownArchitectureError
 if TYPE_CHECKING:
     import keras
 
-CANDIDATE_KINDS = ("scratch", "transfer", "finetune")
+CANDIDATE_KINDS = ("scratch", "transfer", "finetune", "ensemble")
+ENSEMBLE_PREFIX = "ensemble_top"
+ENSEMBLE_K_RANGE = (2, 8)  # 2 members at least to average; 8 keeps the model and its latency bounded
+ENSEMBLE_WEIGHTINGS = ("uniform", "inverse_log_loss")
+ENSEMBLE_OPTION_KEYS = ("weighting",)
 PREPROCESS_MODES = ("tf", "torch", "caffe", "none")  # same as ml.models.layers.PREPROCESS_MODES
 
 
@@ -326,17 +331,62 @@ def scratch_variant_names() -> list[str]:
     return sorted(_SCRATCH)
 
 
-def candidate_names(*, include_finetune: bool = False) -> list[str]:
+def ensemble_names() -> list[str]:
+    """``ensemble_top<k>`` for every allowed k."""
+    return [f"{ENSEMBLE_PREFIX}{k}" for k in range(ENSEMBLE_K_RANGE[0], ENSEMBLE_K_RANGE[1] + 1)]
+
+
+def candidate_names(*, include_finetune: bool = False, include_ensembles: bool = False) -> list[str]:
     """Every trainable candidate name: ``scratch_<variant>`` then ``transfer_<arch>``.
 
     Args:
         include_finetune: Also list ``finetune_<arch>`` (made from transfer candidates).
+        include_ensembles: Also list ``ensemble_top<k>`` (built from the run's trained candidates).
     """
     names = [f"scratch_{v}" for v in scratch_variant_names()]
     names += [f"transfer_{a}" for a in architecture_names()]
     if include_finetune:
         names += [f"finetune_{a}" for a in architecture_names()]
+    if include_ensembles:
+        names += ensemble_names()
     return names
+
+
+def candidate_choices() -> list[str]:
+    """What train.candidates (and the trigger form) may list: trainable candidates and ensembles."""
+    return candidate_names(include_ensembles=True)
+
+
+def is_ensemble(name: object) -> bool:
+    """Whether a candidate name is an ``ensemble_top<k>`` (valid k or not)."""
+    return str(name).startswith(ENSEMBLE_PREFIX)
+
+
+def ensemble_size(name: str) -> int:
+    """k of ``ensemble_top<k>``.
+
+    Raises:
+        UnknownArchitectureError: not ``ensemble_top`` followed by a plain number.
+        ConfigError: k outside ENSEMBLE_K_RANGE.
+    """
+    digits = str(name).removeprefix(ENSEMBLE_PREFIX)
+    if not is_ensemble(name) or not digits.isascii() or not digits.isdigit() or digits != str(int(digits)):
+        raise _unknown("candidate", name, [*candidate_names(include_finetune=True), f"{ENSEMBLE_PREFIX}<k>"])
+    low, high = ENSEMBLE_K_RANGE
+    if not low <= int(digits) <= high:
+        raise ConfigError(f"candidate {name!r}: an ensemble averages k in [{low}, {high}] members, got k={digits}")
+    return int(digits)
+
+
+def ensemble_weighting(name: str, options: Mapping[str, Any] | None) -> str:
+    """The validated ``weighting`` option of an ensemble candidate (default "uniform")."""
+    unknown = sorted(set(options or {}) - set(ENSEMBLE_OPTION_KEYS))
+    if unknown:
+        raise ConfigError(f"unknown option(s) {unknown} for {name}; allowed: {list(ENSEMBLE_OPTION_KEYS)}")
+    weighting = (options or {}).get("weighting", "uniform")
+    if weighting not in ENSEMBLE_WEIGHTINGS:
+        raise ConfigError(f"{name}.weighting must be one of {list(ENSEMBLE_WEIGHTINGS)}, got {weighting!r}")
+    return str(weighting)
 
 
 def _unknown(what: str, name: str, known: list[str]) -> UnknownArchitectureError:
@@ -347,8 +397,12 @@ def parse_candidate(name: str) -> tuple[str, str]:
     """Split a candidate name into (kind, variant-or-architecture).
 
     ``"transfer_mobilenet_v2"`` -> ``("transfer", "mobilenet_v2")``; ``"scratch_small"`` ->
-    ``("scratch", "small")``. Raises UnknownArchitectureError listing the known candidates.
+    ``("scratch", "small")``, ``"ensemble_top3"`` -> ``("ensemble", "top3")``. Raises
+    UnknownArchitectureError listing the known candidates (ConfigError for an ensemble's k out of range).
     """
+    if is_ensemble(name):
+        ensemble_size(name)
+        return "ensemble", str(name).removeprefix("ensemble_")
     kind, sep, rest = str(name).partition("_")
     if sep and kind == "scratch" and rest in _SCRATCH:
         return kind, rest

@@ -194,3 +194,26 @@ def test_a_bad_maximum_run_time_fails_the_dag_import_naming_the_variable(value):
     assert out.returncode != 0
     assert "ConfigError: ML_MAX_RUN_MINUTES must be a whole number of minutes in [1, 10080]" in out.stderr
     assert repr(value) in out.stderr
+
+
+def test_ensembles_are_trigger_choices_and_never_trained(dagbag):
+    """ensemble_top<k> is picked in the form, built by release.evaluate (after every training task),
+    and never mapped to a training task."""
+    import copy
+
+    from airflow.sdk.exceptions import ParamValidationError
+
+    from ml.config import PipelineConfig, overrides_from_params
+
+    params = copy.deepcopy(dagbag.dags[DAG_ID].params)
+    params["candidates"] = ["scratch_small", "transfer_mobilenet_v2", "ensemble_top2"]
+    params.validate()
+    config = PipelineConfig.load(overrides=overrides_from_params(params.dump()))
+    assert config.train.trained_candidates == ("scratch_small", "transfer_mobilenet_v2")
+    assert config.train.ensembles == ("ensemble_top2",)
+    with pytest.raises(ParamValidationError):
+        params["candidates"] = ["scratch_small", "ensemble_top9"]
+        params.validate()
+    evaluate = dagbag.dags[DAG_ID].task_dict["release.evaluate"]
+    assert {"training.train", "training.finetune"} <= set(evaluate.upstream_task_ids)
+    assert evaluate.trigger_rule == "none_failed_min_one_success"
