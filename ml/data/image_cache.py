@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import shutil
+import threading
 import time
 import uuid
 from collections.abc import Iterator, Sequence
@@ -75,6 +76,7 @@ class ImageCache:
     index: pd.DataFrame
     _images: np.memmap | None = field(default=None, repr=False)
     _file: Any = field(default=None, repr=False)  # images.u8 opened for positional reads (gather)
+    _file_lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     @classmethod
     def open(
@@ -199,9 +201,12 @@ class ImageCache:
         return out
 
     def _fd(self) -> int:
-        if self._file is None:
-            self._file = open(self.folder / IMAGES_FILE, "rb", buffering=0)  # noqa: SIM115 - lives with the cache
-        return self._file.fileno()
+        # Under a lock: tf.data's threads call gather at once, and a second open replacing the first
+        # would close (on garbage collection) the descriptor another thread is reading from (EBADF).
+        with self._file_lock:
+            if self._file is None:
+                self._file = open(self.folder / IMAGES_FILE, "rb", buffering=0)  # noqa: SIM115 - lives with the cache
+            return self._file.fileno()
 
     def _read_exactly(self, fd: int, view: memoryview, offset: int) -> None:
         while view.nbytes:

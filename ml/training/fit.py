@@ -227,7 +227,9 @@ def fit_on_bottlenecks(
         return ds.batch(bs).prefetch(tf.data.AUTOTUNE)
 
     val = features_ds(data.val_rows, False) if data.has_val else None
-    info: dict[str, Any] = {"source": settings.head_on_features, "path": str(path), "hit": found.hit,
+    # Paths relative to the worker's cache root: the summary travels (XCom, the store), the folder does not.
+    info: dict[str, Any] = {"source": settings.head_on_features, "path": path.relative_to(cache_root).as_posix(),
+                            "hit": found.hit,
                             "features": list(found.features.shape)}
     steps = None
     if settings.head_on_features == "bank":
@@ -250,7 +252,8 @@ def fit_on_bottlenecks(
             return bank_dataset(
                 bank, labels, epochs=settings.epochs, batch_size=bs, seed=settings.seed, start_epoch=start_epoch
             )[0]
-        info.update({"bank_path": str(bank.path), "bank_hit": bank.hit, "bank_views": bank.views,
+        info.update({"bank_path": Path(bank.path).relative_to(cache_root).as_posix(), "bank_hit": bank.hit,
+                     "bank_views": bank.views,
                      "bank": list(bank.features.shape)})
         log.info(
             "%s: frozen phase trains the head on the augmented bottleneck bank (%d augmented views + 1 "

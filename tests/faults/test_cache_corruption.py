@@ -85,6 +85,7 @@ def test_corrupted_bottleneck_file_is_recomputed_not_trained_on(env, caplog):
     from ml.config import PipelineConfig
     from ml.models.weights import file_sha256
     from ml.pipeline import train_stage
+    from ml.registry.runs import cache_root
 
     config, store, dataset_dir = env["config"], env["store"], env["dataset_dir"]
     # A frozen backbone without augmentation trains its head on cached bottleneck features.
@@ -93,7 +94,7 @@ def test_corrupted_bottleneck_file_is_recomputed_not_trained_on(env, caplog):
                          "candidate_options": {"transfer_mobilenet": {"alpha": 0.25}}})
     tconfig = PipelineConfig.from_dict(raw)
     first = train_stage(dataset_dir, "transfer_mobilenet", tconfig, store, "run-bn-1")
-    path = Path(first["bottleneck"]["path"])
+    path = cache_root(tconfig) / first["bottleneck"]["path"]  # relative to the worker's cache root
     clean = np.load(path)
     header = len(path.read_bytes()) - clean.nbytes  # .npy header, then the float32 rows
     _flip_bit(path, header + clean.nbytes // 3)

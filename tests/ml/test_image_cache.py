@@ -188,3 +188,47 @@ def test_gather_from_a_file_truncated_after_opening_is_an_error(fresh_dataset: P
 
     with pytest.raises(CacheCorruptError, match="images.u8 ends at byte"):
         cache.gather([9, 10, 11])
+
+
+def test_concurrent_first_gathers_share_one_file(
+    tiny_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """tf.data's threads gather at once on a fresh cache: one open, no descriptor closed under a reader.
+
+    (Two opens racing: the second replaces the first, whose descriptor is closed on garbage
+    collection while another thread reads from it -- EBADF, or another file's bytes.)
+    """
+    import builtins
+    import time
+
+    import ml.data.image_cache as image_cache
+
+    build_image_cache(tiny_dataset, SIZE, tmp_path, workers=1)
+    cache = build_image_cache(tiny_dataset, SIZE, tmp_path, workers=1)  # a fresh object: nothing opened yet
+    expected = cache.gather(np.arange(len(cache)))
+    cache = build_image_cache(tiny_dataset, SIZE, tmp_path, workers=1)
+    opens: list[str] = []
+
+    def slow_open(*args, **kwargs):  # widens the race window between the check and the assignment
+        opens.append(str(args[0]))
+        time.sleep(0.05)
+        return builtins.open(*args, **kwargs)
+
+    monkeypatch.setattr(image_cache, "open", slow_open, raising=False)
+    start, results, errors = threading.Barrier(6), [], []
+
+    def read() -> None:
+        start.wait()
+        try:
+            results.append(cache.gather(np.arange(len(cache))))
+        except Exception as error:  # noqa: BLE001 - the test reports every thread's failure
+            errors.append(error)
+
+    threads = [threading.Thread(target=read) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert errors == [] and len(opens) == 1
+    assert all(np.array_equal(r, expected) for r in results)

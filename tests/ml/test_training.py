@@ -298,7 +298,7 @@ def test_bottleneck_path_for_transfer_without_augmentation(
     # The saved full model = preprocessing -> backbone -> head trained on the cached features.
     model = load_model(transfer_run["out"] / "model.keras")
     cache = build_image_cache(tiny_dataset, SIZE, cache_root)
-    features = np.load(first["bottleneck"]["path"])
+    features = np.load(cache_root / first["bottleneck"]["path"])
     rows = cache.split_indices("val")
     images = cache.gather(rows).astype(np.float32)
     np.testing.assert_allclose(feature_extractor(model).predict(images, verbose=0), features[rows], atol=1e-5)
@@ -317,7 +317,7 @@ def test_damaged_bottleneck_cache_is_recomputed(
 ) -> None:
     from ml.training.fit import train_candidate
 
-    path = Path(transfer_run["summary"]["bottleneck"]["path"])
+    path = cache_root / transfer_run["summary"]["bottleneck"]["path"]
     good = np.load(path)
     data = bytearray(path.read_bytes())
     data[-5] ^= 0xFF
