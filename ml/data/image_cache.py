@@ -13,10 +13,10 @@ twice. `build_image_cache` verifies the per-chunk checksums of an existing cache
 rebuilds it, with a warning, when it is truncated or corrupted.
 
 Memory stays bounded: images are decoded straight into the memmap, and readers gather one
-batch of uint8 rows at a time (never the whole dataset as float32) with positional reads
-(``os.preadv``) into the batch buffer. Reading through a memmap instead would map every page it
-touches into the reader: after one epoch over 5,000 images at 224 px, 750 MB of cache pages
-counted in the training task's RSS. Read with pread, they stay in the kernel's page cache only.
+batch of uint8 rows at a time (never the whole dataset as float32) from a read-only memmap. Its
+pages count in the reader's RSS (file-backed and reclaimable: after one epoch over 5,000 images at
+224 px, ~750 MB). Positional reads (``os.preadv``) kept them out, but a shared descriptor under
+tf.data's threads failed with EBADF in longer test sessions (cause not found); reverted until it is.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ import json
 import logging
 import os
 import shutil
-import threading
 import time
 import uuid
 from collections.abc import Iterator, Sequence
@@ -75,8 +74,6 @@ class ImageCache:
     meta: dict[str, Any]
     index: pd.DataFrame
     _images: np.memmap | None = field(default=None, repr=False)
-    _file: Any = field(default=None, repr=False)  # images.u8 opened for positional reads (gather)
-    _file_lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     @classmethod
     def open(
@@ -176,7 +173,7 @@ class ImageCache:
     def gather(self, rows: np.ndarray | Sequence[int]) -> np.ndarray:
         """uint8 pixels of the given rows, in the given order (a copy; B x S x S x 3).
 
-        Thread-safe (positional reads): tf.data calls it from several threads at once.
+        Thread-safe (reads of a read-only memmap): tf.data calls it from several threads at once.
         """
         rows = np.asarray(rows, dtype=np.int64)
         shape = tuple(self.meta["shape"])
@@ -186,34 +183,10 @@ class ImageCache:
         if rows.min() < 0 or rows.max() >= shape[0]:
             raise DataError(f"image cache {self.folder}: rows must be in [0, {shape[0]}), "
                             f"got {int(rows.min())}..{int(rows.max())}")
-        # Ascending order, and one read per run of consecutive rows (val/test batches are one run).
+        # Reading in ascending order keeps the memmap access sequential-ish.
         order = np.argsort(rows, kind="stable")
-        ordered = rows[order]
-        sorted_out = out if np.array_equal(order, np.arange(len(rows))) else np.empty_like(out)
-        flat = sorted_out.reshape(len(rows), -1)
-        row_bytes = flat.shape[1]
-        breaks = np.flatnonzero(np.diff(ordered) != 1) + 1
-        fd = self._fd()
-        for start, end in zip(np.r_[0, breaks], np.r_[breaks, len(rows)], strict=True):
-            self._read_exactly(fd, memoryview(flat[start:end]).cast("B"), int(ordered[start]) * row_bytes)
-        if sorted_out is not out:
-            out[order] = sorted_out
+        out[order] = self.images[rows[order]]
         return out
-
-    def _fd(self) -> int:
-        # Under a lock: tf.data's threads call gather at once, and a second open replacing the first
-        # would close (on garbage collection) the descriptor another thread is reading from (EBADF).
-        with self._file_lock:
-            if self._file is None:
-                self._file = open(self.folder / IMAGES_FILE, "rb", buffering=0)  # noqa: SIM115 - lives with the cache
-            return self._file.fileno()
-
-    def _read_exactly(self, fd: int, view: memoryview, offset: int) -> None:
-        while view.nbytes:
-            n = os.preadv(fd, [view], offset)
-            if n == 0:
-                raise CacheCorruptError(f"image cache {self.folder}: {IMAGES_FILE} ends at byte {offset} (truncated?)")
-            view, offset = view[n:], offset + n
 
     def iter_batches(self, rows: np.ndarray | Sequence[int], batch_size: int) -> Iterator[np.ndarray]:
         """uint8 batches of the given rows, in order."""

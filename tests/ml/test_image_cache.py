@@ -164,71 +164,12 @@ def test_the_lock_training_imports_from_here_is_ml_io_one() -> None:
     assert exclusive_lock is ml.io.exclusive_lock
 
 
-def test_gather_reads_any_rows_without_mapping_the_file(tiny_dataset: Path, tmp_path: Path) -> None:
+def test_gather_reads_any_rows_in_the_given_order(tiny_dataset: Path, tmp_path: Path) -> None:
     cache = build_image_cache(tiny_dataset, SIZE, tmp_path, workers=1)
     reference = np.fromfile(cache.folder / "images.u8", dtype=np.uint8).reshape(cache.meta["shape"])
-    assert cache._images is None  # nothing opened the memmap yet: gather must not need it
     rows = np.array([30, 2, 3, 4, 2, 35, 0, 17, 18, 19, 1])  # unsorted, duplicates, runs, both ends
 
-    batch = cache.gather(rows)
-
-    np.testing.assert_array_equal(batch, reference[rows])
+    np.testing.assert_array_equal(cache.gather(rows), reference[rows])
     assert cache.gather([]).shape == (0, SIZE, SIZE, 3)
-    # Pages read by pread stay in the page cache; a memmap would put them in this process's RSS.
-    maps = Path("/proc/self/maps").read_text()
-    assert str(cache.folder / "images.u8") not in maps
     with pytest.raises(DataError, match=r"rows must be in \[0, 36\), got 0\.\.36"):
         cache.gather([0, 36])
-
-
-def test_gather_from_a_file_truncated_after_opening_is_an_error(fresh_dataset: Path, tmp_path: Path) -> None:
-    cache = build_image_cache(fresh_dataset, SIZE, tmp_path, workers=1)
-    with (cache.folder / "images.u8").open("r+b") as fh:
-        fh.truncate(SIZE * SIZE * 3 * 10 + 5)
-
-    with pytest.raises(CacheCorruptError, match="images.u8 ends at byte"):
-        cache.gather([9, 10, 11])
-
-
-def test_concurrent_first_gathers_share_one_file(
-    tiny_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """tf.data's threads gather at once on a fresh cache: one open, no descriptor closed under a reader.
-
-    (Two opens racing: the second replaces the first, whose descriptor is closed on garbage
-    collection while another thread reads from it -- EBADF, or another file's bytes.)
-    """
-    import builtins
-    import time
-
-    import ml.data.image_cache as image_cache
-
-    build_image_cache(tiny_dataset, SIZE, tmp_path, workers=1)
-    cache = build_image_cache(tiny_dataset, SIZE, tmp_path, workers=1)  # a fresh object: nothing opened yet
-    expected = cache.gather(np.arange(len(cache)))
-    cache = build_image_cache(tiny_dataset, SIZE, tmp_path, workers=1)
-    opens: list[str] = []
-
-    def slow_open(*args, **kwargs):  # widens the race window between the check and the assignment
-        opens.append(str(args[0]))
-        time.sleep(0.05)
-        return builtins.open(*args, **kwargs)
-
-    monkeypatch.setattr(image_cache, "open", slow_open, raising=False)
-    start, results, errors = threading.Barrier(6), [], []
-
-    def read() -> None:
-        start.wait()
-        try:
-            results.append(cache.gather(np.arange(len(cache))))
-        except Exception as error:  # noqa: BLE001 - the test reports every thread's failure
-            errors.append(error)
-
-    threads = [threading.Thread(target=read) for _ in range(6)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-
-    assert errors == [] and len(opens) == 1
-    assert all(np.array_equal(r, expected) for r in results)
