@@ -9,8 +9,20 @@ airflow_env.configure()
 
 @pytest.fixture(scope="session")
 def dagbag():
-    """All DAGs in dags/, parsed the way the dag processor parses them."""
+    """All DAGs in dags/, parsed the way the dag processor parses them (deadline alert on, 480 min)."""
+    import os
+
+    from ml.config import DEFAULT_MAX_RUN_MINUTES, MAX_RUN_MINUTES_ENV
+
     airflow_env.migrate()
     from airflow.dag_processing.dagbag import DagBag
 
-    return DagBag(dag_folder=str(airflow_env.REPO / "dags"))
+    before = os.environ.get(MAX_RUN_MINUTES_ENV)
+    os.environ[MAX_RUN_MINUTES_ENV] = str(DEFAULT_MAX_RUN_MINUTES)
+    try:
+        return DagBag(dag_folder=str(airflow_env.REPO / "dags"))
+    finally:
+        if before is None:
+            os.environ.pop(MAX_RUN_MINUTES_ENV, None)
+        else:
+            os.environ[MAX_RUN_MINUTES_ENV] = before
