@@ -58,7 +58,8 @@ PRODUCTION_MODEL = Asset(name=PRODUCTION_ASSET_NAME, uri=PRODUCTION_ASSET_URI)
 _SPEC = os.environ.get("ML_RETRAIN_SCHEDULE", "@weekly").strip()
 SCHEDULE = None if _SPEC.lower() in ("", "none") else (
     [Asset(_SPEC.removeprefix("asset:"))] if _SPEC.startswith("asset:") else _SPEC)
-# A run still going this long after it was queued is recorded like a failed task ("none": no alert).
+# A run still going this long after it was queued is recorded like a failed task (unset/"none": no alert;
+# off by default: Airflow 3.3.2 cannot clear tasks of a run with a queued-at deadline, see ml.config).
 MAX_RUN_MINUTES = max_run_minutes(os.environ.get(MAX_RUN_MINUTES_ENV))
 DEADLINE = None if MAX_RUN_MINUTES is None else DeadlineAlert(
     reference=DeadlineReference.DAGRUN_QUEUED_AT, interval=timedelta(minutes=MAX_RUN_MINUTES), name="max_run_time",
