@@ -342,6 +342,9 @@ class GateConfig:
         _require(self.metric in PRIMARY_METRICS,
                  f"gate.metric must be one of {PRIMARY_METRICS}, got {self.metric!r}")
         _require(self.min_delta >= 0, f"gate.min_delta must be >= 0, got {self.min_delta}")
+        # Negative would promote a first model that is worse than guessing; 1 or more could never pass.
+        _require(0 <= self.min_gain_over_chance < 1,
+                 f"gate.min_gain_over_chance must be in [0, 1), got {self.min_gain_over_chance}")
         _require(0 <= self.min_accuracy <= 1, f"gate.min_accuracy must be in [0, 1], got {self.min_accuracy}")
         for name in ("max_model_mb", "max_latency_ms"):
             value = getattr(self, name)

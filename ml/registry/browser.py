@@ -92,8 +92,7 @@ def render_overview(store: ObjectStore, model_name: str, *, base_url: str = "") 
         f"<tr><td>{'★ ' if v.get('is_production') else ''}{esc(v['version'])}</td><td>{esc(v.get('candidate'))}</td>"
         f"<td class='num'>{num((v.get('metrics') or {}).get('accuracy'))}</td>"
         f"<td class='num'>{num((v.get('metrics') or {}).get('log_loss'))}</td><td>{esc(v.get('created_at'))}</td>"
-        f"<td><a href='{base_url}/artifact/versions/{esc(v['version'])}/model_card.html'>card</a></td></tr>"
-        for v in versions)
+        f"<td>{_version_links(base_url, v)}</td></tr>" for v in versions)
     parts.append("<h2>Versions</h2><table><tr><th>version</th><th>candidate</th><th>accuracy</th><th>log loss</th>"
                  f"<th>created</th><th></th></tr>{rows or '<tr><td colspan=6>none</td></tr>'}</table>")
 
@@ -110,6 +109,17 @@ def render_overview(store: ObjectStore, model_name: str, *, base_url: str = "") 
     items = "".join(f"<li>{_run_link(base_url, r)}</li>" for r in runs)
     parts.append(f"<h2>Runs</h2><ul>{items or '<li>none</li>'}</ul>")
     return html_page(f"Model registry: {model_name}", "".join(parts))
+
+
+def _version_links(base_url: str, version: dict[str, Any]) -> str:
+    """The model card, and the Kaggle submission.csv when the promote step wrote one."""
+    from ml.registry.layout import SUBMISSION_FILE
+
+    folder = f"{base_url}/artifact/versions/{esc(version['version'])}"
+    links = [f"<a href='{folder}/model_card.html'>card</a>"]
+    if version.get("submission"):
+        links.append(f"<a href='{folder}/{SUBMISSION_FILE}' download>{SUBMISSION_FILE}</a>")
+    return " · ".join(links)
 
 
 def render_run(store: ObjectStore, model_name: str, run_segment: str, *, base_url: str = "") -> str:

@@ -181,7 +181,8 @@ def read_version(store: ObjectStore, model_name: str, version: str) -> dict[str,
 
 
 def list_versions(store: ObjectStore, model_name: str) -> list[dict[str, Any]]:
-    """Complete versions, oldest first: {version, created_at, metrics, is_production, uri, sha256}."""
+    """Complete versions, oldest first: {version, created_at, metrics, is_production, candidate, sha256, uri,
+    submission (rows and classes of its Kaggle ``submission.csv``, or None)}."""
     root = layout.versions_root(model_name)
     complete = sorted(
         {
@@ -208,6 +209,7 @@ def list_versions(store: ObjectStore, model_name: str) -> list[dict[str, Any]]:
                 "candidate": (info.get("metadata") or {}).get("candidate"),
                 "sha256": info.get("sha256"),
                 "uri": store.uri(version_prefix(model_name, version)),
+                "submission": (info.get("metadata") or {}).get("submission"),
             }
         )
     return out

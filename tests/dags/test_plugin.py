@@ -190,3 +190,23 @@ def test_plugin_module_imports_no_fastapi_until_the_app_is_asked_for():
             "print(json.dumps([before, 'airflow.api_fastapi.core_api.security' in sys.modules]))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
     assert json.loads(out.stdout.strip().splitlines()[-1]) == [[], True], out.stdout + out.stderr[-2000:]
+
+
+def test_overview_links_a_versions_kaggle_submission_and_serves_it(registry, store, tmp_path, client):
+    from ml.registry.versions import publish_version
+
+    assert "submission.csv" not in client.get("/").text  # the fixture's version has none
+    files = {}
+    for name, body in (("model.keras", b"not a model"), ("submission.csv", b"id,cat,dog\na1,0.9,0.1\n")):
+        (tmp_path / name).write_bytes(body)
+        files[name] = tmp_path / name
+    version = "20261124T090000Z-def456"
+    publish_version(store, MODEL, version, files, {"candidate": "scratch_small", "run_id": "manual__r2",
+                                                   "submission": {"rows": 1, "classes": 2}})
+
+    link = f"/model-registry/artifact/versions/{version}/submission.csv"
+    assert link in client.get("/").text
+    served = client.get(link.removeprefix("/model-registry"))
+    assert served.status_code == 200
+    assert served.headers["content-type"].startswith("text/csv")
+    assert served.content == b"id,cat,dog\na1,0.9,0.1\n"

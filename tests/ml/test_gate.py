@@ -332,3 +332,13 @@ def test_malformed_inputs_raise(mutate, match: str) -> None:
 
     with pytest.raises(MLError, match=match):
         decide(y_true=Y, challenger=ch, champion=None, labels=LABELS, config=_cfg())
+
+
+@pytest.mark.parametrize("gain", [-0.1, 1.0, 1.5])
+def test_min_gain_over_chance_outside_zero_to_one_is_refused_with_the_setting_named(gain: float) -> None:
+    from ml.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"gate\.min_gain_over_chance must be in \[0, 1\), got "):
+        GateConfig(min_gain_over_chance=gain)
+    GateConfig(min_gain_over_chance=0.0)  # the edges people use stay valid
+    GateConfig(min_gain_over_chance=0.99)
