@@ -58,11 +58,11 @@ PRODUCTION_MODEL = Asset(name=PRODUCTION_ASSET_NAME, uri=PRODUCTION_ASSET_URI)
 _SPEC = os.environ.get("ML_RETRAIN_SCHEDULE", "@weekly").strip()
 SCHEDULE = None if _SPEC.lower() in ("", "none") else (
     [Asset(_SPEC.removeprefix("asset:"))] if _SPEC.startswith("asset:") else _SPEC)
-# A run still going this long after it was queued is recorded like a failed task (unset/"none": no alert;
-# off by default: Airflow 3.3.2 cannot clear tasks of a run with a queued-at deadline, see ml.config).
+# A run still going this long after its logical date (scheduled runs: when due; the UI's trigger form: now) is
+# recorded like a failed task; "none": no alert. Not from queued_at: Airflow 3.3 cannot clear such runs (ml.config).
 MAX_RUN_MINUTES = max_run_minutes(os.environ.get(MAX_RUN_MINUTES_ENV))
 DEADLINE = None if MAX_RUN_MINUTES is None else DeadlineAlert(
-    reference=DeadlineReference.DAGRUN_QUEUED_AT, interval=timedelta(minutes=MAX_RUN_MINUTES), name="max_run_time",
+    reference=DeadlineReference.DAGRUN_LOGICAL_DATE, interval=timedelta(minutes=MAX_RUN_MINUTES), name="max_run_time",
     # By path: dags/_shared is importable where callbacks run (the bundle is on sys.path), not at parse time.
     callback=SyncCallback("_shared.alerts.record_late_run", kwargs={"max_run_minutes": MAX_RUN_MINUTES}))
 # Deterministic failures: retrying cannot help, so fail at once (I/O errors still retry).

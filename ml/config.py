@@ -178,14 +178,13 @@ def check_int_setting(name: str, value: Any, bounds: tuple[int, int]) -> int:
     return int(value)
 
 
-# The retraining DAG's maximum run time (a DeadlineAlert from when the run is queued). Read from the
+# The retraining DAG's maximum run time (a DeadlineAlert from the run's logical date). Read from the
 # environment at parse time, like ML_RETRAIN_SCHEDULE: the DAG file may not read the YAML file.
 MAX_RUN_MINUTES_ENV = "ML_MAX_RUN_MINUTES"
-# A suggested value (8 h: one training task may use its whole 6 h execution_timeout, the other stages
-# take < 1 h). The alert is OFF unless ML_MAX_RUN_MINUTES is set: in Airflow 3.3.2, clearing a task of
-# a run whose DAG has a DAGRUN_QUEUED_AT deadline fails (`_recalculate_dagrun_queued_at_deadlines`:
-# "TypeError: unsupported type for timedelta seconds component: dict"; the REST API answers 500), so
-# an alert on by default would break "Clear" / retry-by-hand, the recovery path docs/faults.md relies on.
+# 8 h: one training task may use its whole 6 h execution_timeout, the other stages take < 1 h.
+# The alert counts from the logical date, not DAGRUN_QUEUED_AT: in Airflow 3.3.x clearing a task of a
+# run with a queued-at deadline fails (apache/airflow#70368: "TypeError: unsupported type for timedelta
+# seconds component: dict", REST 500), which would break "Clear", the recovery path docs/faults.md uses.
 DEFAULT_MAX_RUN_MINUTES = 480
 MAX_RUN_MINUTES_RANGE = (1, 7 * 24 * 60)  # up to a week: the longest schedule gap that makes sense
 
@@ -193,14 +192,14 @@ MAX_RUN_MINUTES_RANGE = (1, 7 * 24 * 60)  # up to a week: the longest schedule g
 def max_run_minutes(text: str | None) -> int | None:
     """The maximum run time in minutes from the `ML_MAX_RUN_MINUTES` text; None when it is "none" (no alert).
 
-    Unset or empty gives None too (off by default: see `DEFAULT_MAX_RUN_MINUTES` for why).
+    Unset or empty gives `DEFAULT_MAX_RUN_MINUTES`.
 
     Raises:
         ConfigError: naming the variable, what is allowed and what was given.
     """
     value = (text or "").strip()
     if not value:
-        return None
+        return DEFAULT_MAX_RUN_MINUTES
     if value.lower() == "none":
         return None
     low, high = MAX_RUN_MINUTES_RANGE

@@ -58,8 +58,12 @@ def test_a_late_run_is_recorded_like_a_failed_task(dag_module, store):
     run_id = "scheduled__2026-11-23T00:00:00+00:00"
     ti = SimpleNamespace(task_id="training.train", map_index=0, rendered_map_index="scratch_small")
     dag_module._on_failure({"task_instance": ti, "run_id": run_id, "params": {}, "exception": ValueError("boom")})
-    # What Airflow passes a deadline callback: the run as the REST API shows it, and the deadline.
-    context = {"dag_run": {"dag_id": "image_classifier_retraining", "run_id": run_id, "conf": {}},
+    # What Airflow passes a deadline callback: the run as the REST API shows it, and the deadline
+    # (Deadline.handle_miss: DAGRunResponse.model_dump, whose id field is dag_run_id; there is no run_id).
+    from airflow.api_fastapi.core_api.datamodels.dag_run import DAGRunResponse
+
+    assert "dag_run_id" in DAGRunResponse.model_fields and "run_id" not in DAGRunResponse.model_fields
+    context = {"dag_run": {"dag_id": "image_classifier_retraining", "dag_run_id": run_id, "conf": {}},
                "deadline": {"id": "0199", "deadline_time": "2026-11-23T08:00:00+00:00"}}
 
     record_late_run(context=context, max_run_minutes=480)

@@ -318,11 +318,12 @@ def fault_proxy(own_seaweed: Any) -> Iterator[FaultProxy]:
 
 
 def airflow_stack(root: Path, server: Any, bucket: str, pipeline_yaml: dict[str, Any], *,
-                  endpoint_url: str | None = None) -> Any:
+                  endpoint_url: str | None = None, extra_env: dict[str, str] | None = None) -> Any:
     """An `airflow standalone` stack (scripts/airflow_stack.py) on free ports, its config file written.
 
     The caller starts and stops it; `pipeline_yaml` becomes the ML_CONFIG file of its tasks, and
-    tasks reach the store at `endpoint_url` (e.g. a FaultProxy) or the server's own endpoint.
+    tasks reach the store at `endpoint_url` (e.g. a FaultProxy) or the server's own endpoint;
+    `extra_env` adds to every airflow process's environment (e.g. ML_MAX_RUN_MINUTES).
     """
     import yaml
 
@@ -332,4 +333,4 @@ def airflow_stack(root: Path, server: Any, bucket: str, pipeline_yaml: dict[str,
     config_file = root / "pipeline.yaml"
     config_file.write_text(yaml.safe_dump(pipeline_yaml))
     return AirflowStack(root, server, api_port=free_port(), bucket=bucket,
-                        extra_env={"ML_CONFIG": str(config_file)}, endpoint_url=endpoint_url)
+                        extra_env={"ML_CONFIG": str(config_file), **(extra_env or {})}, endpoint_url=endpoint_url)
