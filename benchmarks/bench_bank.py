@@ -129,7 +129,7 @@ def logreg_accuracy(dataset_dir: Path, cache_root: Path, features_path: str, see
     from ml.data.image_cache import build_image_cache
 
     cache = build_image_cache(dataset_dir, TRANSFER_SIZE, cache_root)  # a hit: the run built it
-    features = np.load(features_path)
+    features = np.load(cache_root / features_path)  # train summaries name it relative to the cache root
     train, test = cache.split_indices("train"), cache.split_indices("test")
     started = time.perf_counter()
     model = LogisticRegression(max_iter=5000, random_state=seed)
