@@ -53,7 +53,7 @@ INDEX_FILE = "index.parquet"
 META_FILE = "meta.json"
 CHUNK_BYTES = 16 * 1024 * 1024  # checksum block: ~16 MiB of pixels
 PARALLEL_MIN_IMAGES = 64  # below this, a thread pool costs more than it saves
-DECODE_WINDOW = 256  # images decoded ahead of the memmap writer
+DECODE_BLOCK = 32  # rows one decoding task writes: few enough tasks to cost nothing, enough to share the cores
 MAX_DEFAULT_WORKERS = 8  # default decoding threads: one per usable CPU, capped so a big shared worker is not swamped
 SPLITS = ("train", "val", "test")
 # Square sizes (pixels) a cache may be built at: below 8 px nothing is left of a photo; 2048^2 x 3
@@ -329,14 +329,17 @@ def _build(
                 # Threads, not processes: file reads, cv2.imdecode and cv2.resize release the GIL,
                 # so threads use every core without pickling pixels, and unlike a process pool
                 # they neither fork a TensorFlow process (deadlock-prone) nor need the caller's
-                # script to have an `if __name__ == "__main__"` guard (spawn re-imports it). One image per
-                # thread: OpenCV's own pool is switched off meanwhile so it does not compete for the cores.
+                # script to have an `if __name__ == "__main__"` guard (spawn re-imports it). Each task
+                # decodes a block of rows straight into its memmap rows: no future, no copy and no
+                # decoded image held per row. OpenCV's own pool is off meanwhile so it does not
+                # compete for the cores.
+                def decode_block(start: int) -> None:
+                    for i in range(start, min(start + DECODE_BLOCK, n)):
+                        images[i] = _decode_resize(jobs[i])
+
                 with opencv_threads(1), ThreadPoolExecutor(max_workers=workers) as pool:
-                    # Windows of DECODE_WINDOW images: at most that many decoded images in memory.
-                    for start in range(0, n, DECODE_WINDOW):
-                        window = jobs[start : start + DECODE_WINDOW]
-                        for i, pixels in enumerate(pool.map(_decode_resize, window), start=start):
-                            images[i] = pixels
+                    for _ in pool.map(decode_block, range(0, n, DECODE_BLOCK)):
+                        pass  # re-raises a block's error (a DataError naming the file)
             else:
                 for i, job in enumerate(jobs):
                     images[i] = _decode_resize(job)

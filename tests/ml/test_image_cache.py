@@ -93,7 +93,7 @@ def test_parallel_decode_equals_serial(
     import ml.data.image_cache as image_cache
 
     monkeypatch.setattr(image_cache, "PARALLEL_MIN_IMAGES", 1)
-    monkeypatch.setattr(image_cache, "DECODE_WINDOW", 5)  # several windows, one partial
+    monkeypatch.setattr(image_cache, "DECODE_BLOCK", 5)  # several blocks, one partial
     serial = build_image_cache(fresh_dataset, SIZE, tmp_path / "a", workers=1)
 
     parallel = build_image_cache(fresh_dataset, SIZE, tmp_path / "b", workers=2)
