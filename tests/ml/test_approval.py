@@ -338,3 +338,16 @@ def test_the_promotion_log_and_the_registry_page_name_the_approver_and_the_rejec
     assert "rejected by bob at 2026-12-02T15:30:00+00:00: not now" in page
     assert_safe(page, source="registry overview")
     assert_escaped(page, hostile, source="registry overview")
+
+
+def test_the_cli_says_why_production_stayed_when_approval_is_required(capsys: pytest.CaptureFixture) -> None:
+    from ml.cli import _say_if_approval_blocked
+
+    kept = apply_approval(_decision(), None, _config(require_approval=True))
+    _say_if_approval_blocked({"promoted": False, "version": "v1", "decision": kept})
+    _say_if_approval_blocked({"promoted": True, "version": "v2", "decision": _decision()})
+
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    assert err[0].startswith("production kept (v1): the gate would promote scratch_small, but gate.require_approval "
+                             "is on and a command-line run has nobody to approve it.")
