@@ -99,7 +99,7 @@ def request_body(decision: Mapping[str, Any], evaluation: Mapping[str, Any], *, 
              f"The gate recommends promoting **{md_text(decision.get('challenger'))}** over "
              + (f"production **{md_text(decision['champion_version'])}**." if decision.get("champion_version")
                 else "no production model (this would be the first)."), "",
-             f"### Leaderboard (test split, {len(rows)} candidates)", "",
+             f"### Leaderboard (test split, {len(rows)} candidate{'' if len(rows) == 1 else 's'})", "",
              "| # | candidate | accuracy | top-5 | log loss | macro F1 | status |",
              "|---|---|---|---|---|---|---|"]
     for row in rows[:MAX_LEADERBOARD_ROWS]:
@@ -124,9 +124,9 @@ def request_body(decision: Mapping[str, Any], evaluation: Mapping[str, Any], *, 
         lines.append(f"- … {len(reasons) - MAX_REASONS} more in the run report")
     lines += ["", "### Run report", ""]
     if report_url:
-        lines.append(f"[Open the run in the model registry](<{_link_target(report_url)}>)")
+        lines += [f"[Open the run in the model registry](<{_link_target(report_url)}>)", ""]
     if report_uri:
-        lines.append(("" if not report_url else "  \n") + f"Stored at {md_text(report_uri, 500)}")
+        lines.append(f"Stored at {md_text(report_uri, 500)}")
     lines += ["", "### Your decision", "",
               f"**{APPROVE}** publishes the challenger and moves production to it. **{REJECT}** keeps production. "
               f"No answer within {hours_text(timeout_hours)} keeps production. Your comment goes into the "
