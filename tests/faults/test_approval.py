@@ -167,7 +167,7 @@ def test_only_the_assigned_approver_may_answer_and_approve_promotes(approval, sa
     assert answered["responded_by"]["name"] == "alice"
     assert state == "success", approval.stack.log_file
     after = approval.pointer()
-    assert after["version"] != before["version"]
+    assert after is not None and after != before
     [entry] = approval.log_of(run_id)
     assert entry["action"] == "promote" and entry["to"] == after["version"]
     assert entry["approval"]["outcome"] == "approved" and entry["approval"]["by"] == "alice"

@@ -351,3 +351,23 @@ def test_the_cli_says_why_production_stayed_when_approval_is_required(capsys: py
     assert len(err) == 1
     assert err[0].startswith("production kept (v1): the gate would promote scratch_small, but gate.require_approval "
                              "is on and a command-line run has nobody to approve it.")
+
+
+def test_the_run_page_shows_awaiting_approval_then_who_decided(store: Any) -> None:
+    from ml.registry.browser import render_run
+    from ml.registry.layout import REPORT_FILE, run_key, run_segment
+    from tests.html_safety import assert_escaped, assert_safe
+
+    hostile = "<script>alert(1)</script>"
+    key = run_key(MODEL, RUN_ID, REPORT_FILE)
+    store.put_json(key, {"leaderboard": [], "decision": {**_decision(), "promoted": False, "awaiting_approval": True}})
+    waiting = render_run(store, MODEL, run_segment(RUN_ID), base_url="/model-registry")
+    rejected = apply_approval(_decision(), _response("Reject", user="bob", comment=hostile),
+                              _config(require_approval=True))
+    store.put_json(key, {"leaderboard": [], "decision": {**rejected, "promoted": False}})
+    decided = render_run(store, MODEL, run_segment(RUN_ID), base_url="/model-registry")
+
+    assert "awaiting human approval" in waiting and "production kept" not in waiting
+    assert "production kept" in decided and "human approval: <span class='no'>rejected by bob at " in decided
+    assert_safe(decided, source="run page")
+    assert_escaped(decided, hostile, source="run page")
