@@ -401,7 +401,7 @@ def promote_stage(dataset: Mapping[str, Any], evaluation: Mapping[str, Any], dec
     With human approval on, `approval` is the reviewer's answer (the HITL task's result; None: no
     one was asked) and `ml.registry.approval.apply_approval` decides first: no approval, no move.
     """
-    from ml.registry.approval import apply_approval, approval_summary
+    from ml.registry.approval import apply_approval, approval_summary, stale_approval
     from ml.registry.packaging import publish_challenger
     from ml.registry.promotion import claim_version, keep_production, move_pointer
 
@@ -417,11 +417,8 @@ def promote_stage(dataset: Mapping[str, Any], evaluation: Mapping[str, Any], dec
                                quality=quality)
 
         def regate(current: Mapping[str, Any]) -> dict[str, Any]:
-            if decision.get("approval"):  # the reviewer approved replacing the champion they were shown
-                return {**decision, "promote": False, "reasons": [
-                    f"production moved to {current['version']} while this run awaited approval; the approval "
-                    f"was for replacing {decision.get('champion_version')}: production kept"]}
-            return decide(dataset_dir, decision["challenger"], current, config, store, run_id)
+            return stale_approval(decision, current) or decide(dataset_dir, decision["challenger"], current,
+                                                               config, store, run_id)
 
         result = move_pointer(store, model_name, version, decision, run_id, actor=actor, regate=regate)
     else:

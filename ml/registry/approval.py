@@ -212,6 +212,16 @@ def apply_approval(decision: Mapping[str, Any], response: Mapping[str, Any] | No
     return {**out, "promote": False, "reasons": [reason, *out.get("reasons", [])]}
 
 
+def stale_approval(decision: Mapping[str, Any], current: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The re-gate's answer when production moved while a human was asked: keep (they approved replacing
+    the champion they were shown, not `current`); None when nobody was asked (re-gate as usual)."""
+    if not decision.get("approval"):
+        return None
+    return {**decision, "promote": False, "reasons": [
+        f"production moved to {current.get('version')} while this run awaited approval; the approval was for "
+        f"replacing {decision.get('champion_version') or 'no production model'}: production kept"]}
+
+
 def approval_summary(record: Mapping[str, Any] | None) -> str:
     """One line for pages and the CLI: ``approved by bob at 2026-12-02T15:00:00+00:00: looks good``."""
     if not record:

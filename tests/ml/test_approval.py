@@ -371,3 +371,26 @@ def test_the_run_page_shows_awaiting_approval_then_who_decided(store: Any) -> No
     assert "production kept" in decided and "human approval: <span class='no'>rejected by bob at " in decided
     assert_safe(decided, source="run page")
     assert_escaped(decided, hostile, source="run page")
+
+
+def test_an_approval_does_not_carry_over_to_a_champion_the_reviewer_never_saw(store: Any, tmp_path: Path) -> None:
+    """Another promotion wins the pointer race while this run waits: the re-gate keeps production."""
+    from ml.registry.approval import stale_approval
+    from ml.registry.promotion import move_pointer
+    from ml.registry.versions import promote, promotion_history, read_pointer
+
+    for version in ("v0", "v1"):
+        _publish(store, tmp_path, version)
+    approved = apply_approval({**_decision(), "champion_version": None, "expected_etag": None},
+                              _response("Approve", user="alice"), _config(require_approval=True))
+    promote(store, MODEL, "v0", expected_etag=None, actor="rival", reason="won the race")  # after the gate read
+
+    result = move_pointer(store, MODEL, "v1", approved, RUN_ID, actor="airflow:test",
+                          regate=lambda current: stale_approval(approved, current) or pytest.fail("re-gated"))
+
+    assert result["promoted"] is False
+    assert read_pointer(store, MODEL)[0]["version"] == "v0"
+    entry = [e for e in promotion_history(store, MODEL) if e.get("run_id") == RUN_ID][-1]
+    assert entry["action"] == "keep" and entry["approval"]["by"] == "alice"
+    assert "production moved to v0 while this run awaited approval" in " ".join(entry["reasons"])
+    assert stale_approval(_decision(), {"version": "v0"}) is None  # nobody asked: re-gate as usual
