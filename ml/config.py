@@ -336,8 +336,28 @@ class GateConfig:
     # force_promote: promote even when checks fail (every failed check is still reported).
     force_promote: bool = False
     allow_label_change: bool = False
+    # Human approval before a promotion (the DAG's release.approve task; ml.registry.approval). Off by
+    # default; when on, a promotion the gate allows waits for an Airflow user's Approve, and Reject, no
+    # answer within the timeout, or a run without Airflow (the CLI: nobody to ask) keeps production.
+    require_approval: bool = False
+    approval_timeout_hours: float = 24.0
+    # Airflow user ids allowed to respond (the user name with the simple auth manager); empty: anyone who
+    # may act on the DAG's task instances. Others get HTTP 403 from the REST API.
+    approvers: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        _require(isinstance(self.require_approval, bool),
+                 f"gate.require_approval must be true or false, got {self.require_approval!r}")
+        hours = self.approval_timeout_hours
+        _require(isinstance(hours, (int, float)) and not isinstance(hours, bool) and math.isfinite(hours)
+                 and hours > 0, f"gate.approval_timeout_hours must be a number of hours > 0, got {hours!r}")
+        object.__setattr__(self, "approval_timeout_hours", float(hours))
+        approvers = () if self.approvers is None else self.approvers
+        _require(not isinstance(approvers, str)
+                 and all(isinstance(a, str) and a.strip() and a == a.strip() for a in approvers),
+                 f"gate.approvers must be a list of Airflow user names (no blanks), got {self.approvers!r}")
+        _require(len(set(approvers)) == len(tuple(approvers)), f"gate.approvers has duplicates: {list(approvers)}")
+        object.__setattr__(self, "approvers", tuple(approvers))
         _require(self.metric in PRIMARY_METRICS,
                  f"gate.metric must be one of {PRIMARY_METRICS}, got {self.metric!r}")
         _require(self.min_delta >= 0, f"gate.min_delta must be >= 0, got {self.min_delta}")
@@ -525,6 +545,7 @@ def overrides_from_params(params: Mapping[str, Any]) -> dict[str, Any]:
         "metric": ("gate", "metric"),
         "force": ("gate", "force"),
         "allow_label_change": ("gate", "allow_label_change"),
+        "require_approval": ("gate", "require_approval"),
     }
     out: dict[str, Any] = {}
     for name, (section, key) in mapping.items():
