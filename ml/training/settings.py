@@ -12,8 +12,9 @@ A transfer candidate's frozen phase trains its head on cached features whenever 
 bottleneck cache without augmentation, on the augmented bank (`ml.training.bank`) with it
 (``frozen_phase: bank``, the default, ``bank_views`` augmented views per image), or through the
 backbone every epoch (``frozen_phase: backbone``). A head on features trains for
-``train.head_epochs`` (early stopping ends it) at ``train.head_learning_rate``, unless the
-candidate's own ``epochs``/``learning_rate`` are set.
+``train.head_epochs`` (early stopping ends it, after ``train.head_early_stopping_patience``
+epochs without a lower val loss) at ``train.head_learning_rate``, unless the candidate's own
+``epochs``/``learning_rate`` are set.
 
 Each field is validated here, once, with the ranges and functions `TrainConfig` uses
 (`ml.config.IMAGE_SIZE_RANGE` and friends), and a bad value is reported under the name of the
@@ -204,7 +205,8 @@ class CandidateSettings:
             scratch_options=scratch,
             transfer=transfer,
             **phase,
-            **_from_config(config),
+            **{**_from_config(config), **(
+                {"early_stopping_patience": config.head_early_stopping_patience} if on_features else {})},
         )
 
     @classmethod

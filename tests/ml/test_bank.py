@@ -252,6 +252,11 @@ def test_bank_settings_are_part_of_the_candidate_settings() -> None:
     assert settings({"augment": False}).learning_rate == TrainConfig().head_learning_rate
     assert settings({"learning_rate": 0.02}).learning_rate == 0.02
     assert settings({"augment": False}).head_on_features == "bottlenecks"
+    # A head on features gets its own (longer) early-stopping patience; through the backbone, the config's.
+    assert default.early_stopping_patience == TrainConfig().head_early_stopping_patience
+    assert settings({"augment": False}).early_stopping_patience == TrainConfig().head_early_stopping_patience
+    assert settings({}, head_early_stopping_patience=12).early_stopping_patience == 12
+    assert settings({"frozen_phase": "backbone"}).early_stopping_patience == TrainConfig().early_stopping_patience
     through = settings({"frozen_phase": "backbone", "epochs": 4})
     assert through.head_on_features is None and through.epochs == 4
     assert through.learning_rate == TrainConfig().learning_rate
