@@ -109,7 +109,8 @@ def train_and_score(
         candidates=(candidate,), image_size=TRANSFER_SIZE, weights=str(weights), seed=seed,
         candidate_options={candidate: {"alpha": ALPHA, "frozen_phase": phase, **options}},
     )
-    cache_root, out = tmp / "cache" / (cache_key or key), tmp / "candidates" / key
+    # Runs sharing a cache (the sweep's heads on one bank) still get their own candidate folder.
+    cache_root, out = tmp / "cache" / (cache_key or key), tmp / "candidates" / f"{cache_key or ''}{key}"
     started = time.perf_counter()
     summary = train_candidate(dataset_dir, candidate, out, config, cache_root=cache_root)
     y_true, probs, labels = predict_split(out / "model.keras", dataset_dir, "test", cache_root=cache_root)
@@ -241,6 +242,51 @@ def fit_head(features: Any, labels: Any, train: Any, val: Any, settings: Any) ->
     return {"model": head, "epochs": len(curve), "best_epoch": int(np.argmin(curve)) + 1}
 
 
+def view_speed(dataset_dir: Path, tmp: Path, weights: Path, seed: int, rounds: int) -> dict[str, Any]:
+    """Seconds per bank view of the training images: chained Keras layers vs the fused warp.
+
+    Keras: ``split_dataset(..., augment=...)`` (the through-the-backbone path's augmenter, what
+    bank version 1 used); fused: `ml.training.bank._views_dataset` (version 2). Each round times
+    both, alternating which goes first, pixels only and pixels + the frozen backbone.
+    """
+    import statistics
+
+    from ml.data.image_cache import build_image_cache
+    from ml.models.transfer import build_transfer, feature_extractor
+    from ml.training.bank import _views_dataset
+    from ml.training.input_pipeline import AugmentConfig, split_dataset
+
+    cache = build_image_cache(dataset_dir, TRANSFER_SIZE, tmp / "cache" / "view-speed")
+    rows, augment = cache.split_indices("train"), AugmentConfig()
+    extractor = feature_extractor(build_transfer("mobilenet", 3, TRANSFER_SIZE, options={"alpha": ALPHA},
+                                                 weights=str(weights)))
+
+    def keras_view(r: int) -> Any:
+        return split_dataset(cache, "train", batch_size=32, rows=rows, augment=augment, seed=seed + r).map(
+            lambda x, y: x)
+
+    def fused_view(r: int) -> Any:
+        return _views_dataset(cache, rows, augment, 1, seed + r, 32)
+
+    arms = {"keras": keras_view, "fused": fused_view}
+    times: dict[str, list[float]] = {f"{a}_{w}": [] for a in arms for w in ("pixels", "features")}
+    for make in arms.values():  # untimed: traces and the page cache
+        extractor.predict(make(-1), verbose=0)
+    for r in range(rounds):
+        for name in (("keras", "fused") if r % 2 == 0 else ("fused", "keras")):
+            started = time.perf_counter()
+            for _ in arms[name](r):
+                pass
+            times[f"{name}_pixels"].append(time.perf_counter() - started)
+            started = time.perf_counter()
+            extractor.predict(arms[name](r), verbose=0)
+            times[f"{name}_features"].append(time.perf_counter() - started)
+    medians = {k: round(statistics.median(v), 3) for k, v in times.items()}
+    return {"images": len(rows), "rounds": rounds, "median_s": medians, "all_s": times,
+            "pixels_ratio": medians["keras_pixels"] / medians["fused_pixels"],
+            "features_ratio": medians["keras_features"] / medians["fused_features"]}
+
+
 def _bank_result(backbone: dict[str, Any], bank: dict[str, Any], again: dict[str, Any]) -> Result:
     bank_s = (bank["frozen_phase_s"] + again["frozen_phase_s"]) / 2
     gap = (bank["test_accuracy"] - backbone["test_accuracy"]) * 100
@@ -310,12 +356,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--heads", default="", help="head sweep instead: ;-separated settings such as "
                         "'learning_rate=0.01,early_stopping_patience=10,epochs=500' (one bank run for the features)")
     parser.add_argument("--splits", type=int, default=HEAD_SPLITS, help="re-splits of the head sweep")
+    parser.add_argument("--view-speed", type=int, default=0, metavar="ROUNDS",
+                        help="instead: time one bank view, chained Keras layers vs the fused warp, interleaved")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     data = bench_data_dir()
     weights = data / "weights" / WEIGHTS_FILE
     rates = [float(r) for r in args.learning_rates.split(",") if r] or [None]
     with _animals3(data / "animals3") as (dataset_dir, tmp):
+        if args.view_speed:
+            print("VIEW_SPEED " + json.dumps(view_speed(dataset_dir, tmp, weights, args.seed, args.view_speed)))
+            return 0
         if args.heads:
             bank = train_and_score(dataset_dir, tmp, weights, args.seed, "bank", {})
             print("BANK_SWEEP " + json.dumps(bank), flush=True)
