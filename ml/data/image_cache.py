@@ -320,6 +320,15 @@ def _chunk_digests(path: Path, chunk_bytes: int) -> list[str]:
     return digests
 
 
+def _memory_digests(images: np.ndarray, chunk_bytes: int, workers: int) -> list[str]:
+    """`_chunk_digests` of the pixels just written, hashed from memory (no re-read of the file) on
+    `workers` threads (hashlib releases the GIL): the same digests, about a tenth of a build saved."""
+    flat = images.reshape(-1)
+    chunks = [flat[start : start + chunk_bytes] for start in range(0, flat.size, chunk_bytes)]
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        return list(pool.map(lambda chunk: hashlib.sha256(chunk).hexdigest(), chunks))
+
+
 def _decode_resize(args: tuple[str, int]) -> np.ndarray:
     from ml.data.images import load_resized
 
@@ -341,6 +350,7 @@ def _build(
     try:
         images_path = tmp / IMAGES_FILE
         jobs = [(str(dataset_dir / p), size) for p in ok["path"]]
+        chunk_bytes = _chunk_rows(size * size * 3) * size * size * 3
         workers = workers if workers is not None else min(MAX_DEFAULT_WORKERS, len(os.sched_getaffinity(0)))
         if n:
             images = np.memmap(images_path, dtype=np.uint8, mode="w+", shape=shape)
@@ -363,10 +373,13 @@ def _build(
             else:
                 for i, job in enumerate(jobs):
                     images[i] = _decode_resize(job)
-            images.flush()
+            # No msync: other readers see the page cache at once, and a cache the kernel had not yet
+            # written back before a crash fails its checksums on the next open and is rebuilt.
+            digests = _memory_digests(images, chunk_bytes, workers)
             del images
         else:
             images_path.touch()
+            digests = []
         index = pd.DataFrame(
             {
                 "row": np.arange(n, dtype=np.int64),
@@ -380,7 +393,6 @@ def _build(
             }
         )
         index.to_parquet(tmp / INDEX_FILE, index=False)
-        chunk_bytes = _chunk_rows(size * size * 3) * size * size * 3
         meta = {
             "version": CACHE_FORMAT_VERSION,
             "dataset_hash": info["dataset_hash"],
@@ -392,7 +404,7 @@ def _build(
             "decode": DECODE,
             "labels": labels,
             "chunk_bytes": chunk_bytes,
-            "chunk_sha256": _chunk_digests(images_path, chunk_bytes),
+            "chunk_sha256": digests,
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         write_json(tmp / META_FILE, meta, sort_keys=False)
