@@ -29,6 +29,7 @@ from tests.faults.conftest import MODEL, airflow_stack, new_bucket_name, start_w
 pytestmark = pytest.mark.faults
 
 APPROVE_TASK = "release.approve"
+ANSWER_AFTER_S = 5  # see Approval.wait_for_request
 USERS = "admin:admin,alice:admin,bob:admin"
 BASE_CONFIG = {"storage": {"model_name": MODEL}, "data": {"min_images_per_class": 5},
                "gate": {"force_promote": True, "approvers": ["alice"], "approval_timeout_hours": 1}}
@@ -69,6 +70,12 @@ class Approval:
         while time.monotonic() < deadline:
             task = self.stack.task(run_id, APPROVE_TASK)
             if task is not None and task.state == "awaiting_input":
+                # Answer as a human would, not within milliseconds: Airflow 3.3.2's scheduler handles the
+                # executor's "workload finished" event of the asking try up to a loop later, and when an
+                # answer has already moved the task on, it takes that event for an external state change
+                # and retries the task, which asks again and loses the answer (seen here: answered 50 ms
+                # after the request, the run then waited forever).
+                time.sleep(ANSWER_AFTER_S)
                 return
             if task is not None and task.state in ("skipped", "failed", "upstream_failed", "success"):
                 raise AssertionError(f"{APPROVE_TASK} ended {task.state} without asking; see {self.stack.log_file}")
