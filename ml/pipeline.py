@@ -282,7 +282,7 @@ def search_trial_stage(dataset: DatasetRef, trial_name: str, rung: int, config: 
 
     The trial's candidate folder holds its latest rung (its summary's ``search.rung`` says which);
     ``search/rung-<r>/<trial>.json`` is written after it, so a retried task that finds it reuses it.
-    The checkpoints stay for the next rung, except after the last one.
+    The checkpoints stay for the next rung; after the last rung they are deleted (after the record).
     """
     from ml.training.fit import SUMMARY_FILE, train_candidate
     from ml.training.search import plan_search, search_info, trial_train_config
@@ -307,12 +307,12 @@ def search_trial_stage(dataset: DatasetRef, trial_name: str, rung: int, config: 
     summary = {**summary, "search": search_info(trial, rung, plan)}
     write_json(out_dir / SUMMARY_FILE, summary)  # the marker carries the rung too
     publish_candidate(store, config, run_id, trial.name, out_dir, summary)
-    if rung == plan.rungs:
-        _drop_checkpoints(checkpoints, trial.name)
     record = to_jsonable({"trial": trial.name, "base": trial.base, "params": dict(trial.params), "rung": rung,
                           "epochs": epochs, "epochs_run": summary.get("epochs_run"),
                           "val_accuracy": summary.get("val_accuracy"), "val_loss": summary.get("val_loss")})
     write_run_json(store, config, run_id, parts, record)
+    if rung == plan.rungs:  # after the record: a retry killed before it still resumes instead of starting over
+        _drop_checkpoints(checkpoints, trial.name)
     log.info("search rung %d/%d %s (%s): %s epochs run of %d (%d resumed), val_accuracy %s, val_loss %s", rung,
              plan.rungs, trial.name, trial.describe(), record["epochs_run"], epochs, summary.get("resumed_epochs") or 0,
              _fmt(record["val_accuracy"]), _fmt(record["val_loss"]))
