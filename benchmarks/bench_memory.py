@@ -16,9 +16,9 @@ for one epoch on the same generated 224 px images, validation included:
 
 Peak RSS (VmHWM) counts every resident file page mapped into the process: TensorFlow's shared
 libraries (~590 MB), and it counted the cache's memmap pages while batches were gathered through
-the memmap (750 MB at 5,000 x 224 px); `ImageCache.gather` now reads with pread, so those pages
-stay in the kernel's page cache. The peak *anonymous* memory (sampled every 50 ms) is reported
-beside it.
+the memmap (750 MB at 5,000 x 224 px); `ImageCache.gather` now unmaps the pages it copied
+(madvise MADV_DONTNEED), so they stay in the kernel's page cache only. The peak *anonymous*
+memory (sampled every 50 ms) is reported beside it.
 """
 
 from __future__ import annotations

@@ -16,6 +16,8 @@ task maps over zero trials and is skipped) →
 **evaluate** (builds each `ensemble_top<k>` candidate from the k best on validation, then scores every
 candidate and the production model on the same test split) →
 **gate** (min_delta, floors, per-class non-regression) →
+**approve** (optional, `gate.require_approval` / the `require_approval` param: an Airflow user approves or
+rejects the promotion under Browse → Required Actions; asked only when the gate says promote) →
 **promote** (immutable version, conditional pointer swap; emits the production Asset).
 
 All ML logic lives in the `ml` package (`ml/pipeline.py`); every task here calls one
@@ -33,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import pendulum
+from airflow.providers.standard.operators.hitl import HITLOperator
 from airflow.sdk import (
     Asset,
     DeadlineAlert,
@@ -52,9 +55,11 @@ from ml.config import (
     PRODUCTION_ASSET_NAME,
     PRODUCTION_ASSET_URI,
     SEARCH_RUNGS_RANGE,
+    GateConfig,
     max_run_minutes,
 )
 from ml.models.registry import candidate_choices, candidate_names
+from ml.registry.approval import COMMENT_PARAM, MAX_COMMENT_CHARS, OPTIONS, REJECT
 
 PRODUCTION_MODEL = Asset(name=PRODUCTION_ASSET_NAME, uri=PRODUCTION_ASSET_URI)
 # Cron or preset (default weekly); "none": triggers only; "asset:<uri>": data-aware. From the
@@ -111,7 +116,12 @@ PARAMS = {
                    description="Train even if production saw this exact dataset; promote if floors pass."),
     "allow_label_change": Param(False, type="boolean", title="Allow a different label set",
                                 description="Needed to replace a production model whose classes differ."),
+    "require_approval": _param("boolean", "Require human approval", "Ask an Airflow user to approve before "
+                               "production moves (Required Actions); reject or no answer keeps production. "
+                               "Empty: gate.require_approval."),
 }
+# The model registry's pages (plugins/model_registry_plugin.py URL_PREFIX): the approval request links there.
+REGISTRY_PATH = "/model-registry"
 
 
 def _config(params: dict | None = None):
@@ -261,15 +271,58 @@ def gate(dataset: dict, evaluation: dict) -> dict:
     return gate_stage(dataset, evaluation, config, _store(config), _run_id())
 
 
-@task
-def promote(dataset: dict, evaluation: dict, decision: dict, quality: dict) -> dict:
-    """Publish an immutable version and move production.json by conditional write."""
+@task.short_circuit(ignore_downstream_trigger_rules=False)  # skips release.approve only; promote still runs
+def needs_approval(dataset: dict, evaluation: dict, decision: dict, quality: dict) -> dict:
+    """The approval request when a human must approve (approval on, gate says promote); {} skips approve."""
+    from airflow.configuration import conf
+
+    from ml.pipeline import approval_stage
+
+    config = _config()
+    registry_url = (conf.get("api", "base_url", fallback="") or "").rstrip("/") + REGISTRY_PATH
+    return approval_stage(dataset, evaluation, decision, config, _store(config), _run_id(),
+                          registry_url=registry_url, quality=quality)
+
+
+class PromotionApproval(HITLOperator):
+    """Approve / Reject a promotion, with subject, body, timeout and respondents from `needs_approval`.
+
+    Those come from the run's config (gate.approval_timeout_hours, gate.approvers), which this file may
+    not read at parse time, so they are set when the task runs. Not ApprovalOperator: its Reject skips
+    `promote`, which must run to log that production was kept. Defaults to Reject, so a timeout resumes
+    the task (no answerer) instead of failing it.
+    """
+
+    def __init__(self, *, request_task_id: str, **kwargs: Any) -> None:
+        kwargs.pop("params", None)  # the DAG's trigger params, passed in by Airflow: not form fields of this request
+        comment = Param(None, type=["null", "string"], title="Comment", maxLength=MAX_COMMENT_CHARS,
+                        description="Why: goes into the promotion log.")
+        super().__init__(subject="Promote the challenger to production?", options=list(OPTIONS), defaults=REJECT,
+                         params={COMMENT_PARAM: comment},
+                         response_timeout=timedelta(hours=GateConfig.approval_timeout_hours), **kwargs)
+        self.request_task_id = request_task_id
+
+    def execute(self, context: Any) -> Any:
+        self.use_request(context["ti"].xcom_pull(task_ids=self.request_task_id))
+        return super().execute(context)
+
+    def use_request(self, request: dict) -> None:
+        """Take the run's request: Markdown body, timeout, assigned users (none: anyone with access)."""
+        self.subject, self.body = request["subject"], request["body"]
+        self.response_timeout = timedelta(hours=request["timeout_hours"])
+        self.assigned_users = list(request["assigned_users"]) or None
+
+
+# Runs when release.approve was skipped (nobody to ask) as well as after an answer.
+@task(trigger_rule="none_failed_min_one_success")
+def promote(dataset: dict, evaluation: dict, decision: dict, quality: dict, approval: dict | None = None) -> dict:
+    """Apply the human's answer (if asked), publish an immutable version, move production.json."""
     from ml.pipeline import promote_stage
 
     config = _config()
     actor = f"airflow:{get_current_context()['dag'].dag_id}"
     return promote_stage(dataset, evaluation, decision, config, _store(config), _run_id(), actor=actor,
-                         quality=quality)
+                         quality=quality, approval=approval)
 
 
 @task.short_circuit(retries=0)
@@ -312,7 +365,11 @@ def image_classifier_retraining():
     with TaskGroup("release"):
         evaluation = evaluate(dataset)
         [trained, finetuned, *rungs] >> evaluation
-        result = promote(dataset, evaluation, gate(dataset, evaluation), quality)
+        decision = gate(dataset, evaluation)
+        request = needs_approval(dataset, evaluation, decision, quality)
+        approval = PromotionApproval(task_id="approve", request_task_id=request.operator.task_id)
+        request >> approval
+        result = promote(dataset, evaluation, decision, quality, approval.output)
         promoted(result) >> announce(result)
 
 

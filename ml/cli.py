@@ -200,8 +200,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     evaluation = evaluate_stage(dataset, results, config, store, run_id)
     decision = gate_stage(dataset, evaluation, config, store, run_id)
     result = promote_stage(dataset, evaluation, decision, config, store, run_id, actor="cli", quality=quality)
+    _say_if_approval_blocked(result)
     _print_json(result)
     return 0
+
+
+def _say_if_approval_blocked(result: dict[str, Any]) -> None:
+    """A command-line run has nobody to approve: when approval is required, say plainly why production stayed."""
+    if ((result.get("decision") or {}).get("approval") or {}).get("outcome") == "not asked":
+        print(f"production kept ({result.get('version') or 'no production model'}): the gate would promote "
+              f"{result['decision'].get('challenger')}, but gate.require_approval is on and a command-line run "
+              "has nobody to approve it. Trigger the image_classifier_retraining DAG to ask a reviewer, or set "
+              "gate.require_approval: false.", file=sys.stderr)
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
@@ -219,6 +229,7 @@ def cmd_promote(args: argparse.Namespace) -> int:
     evaluation = {"leaderboard": rows, "best": args.candidate or rows[0]["candidate"], "production": None}
     decision = gate_stage(args.dataset, evaluation, config, store, args.run_id)
     result = promote_stage(dataset, evaluation, decision, config, store, args.run_id, actor="cli")
+    _say_if_approval_blocked(result)
     _print_json(result)
     return 0 if result["promoted"] else 1
 

@@ -490,18 +490,58 @@ def decide(dataset_dir: Path, challenger_name: str, pointer: Mapping[str, Any] |
     return {**decision.to_dict(), "challenger": challenger_name}
 
 
+def approval_stage(dataset: Mapping[str, Any], evaluation: Mapping[str, Any], decision: Mapping[str, Any],
+                   config: PipelineConfig, store: ObjectStore | None, run_id: str, *,
+                   registry_url: str | None = None, quality: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The human-approval request for this run's promotion, or {} when nobody needs to be asked.
+
+    Asked only when approval is on (`gate.require_approval`) and the gate says promote. The run
+    report is published first, marked as awaiting approval, so the request can link to it.
+
+    Returns:
+        {} or {"subject", "body" (Markdown, data neutralised), "timeout_hours", "assigned_users"}.
+    """
+    from ml.registry.approval import approval_required, assigned_users, request_body, request_subject
+
+    if not approval_required(decision, config):
+        log.info("approval: not asked (%s)", "gate.require_approval is off" if not config.gate.require_approval
+                 else "the gate keeps production")
+        return {}
+    pending = {"promoted": False, "awaiting_approval": True,
+               "decision": {**decision, "reasons": [*decision.get("reasons", []),
+                                                    "awaiting human approval (Airflow: Required Actions)"]}}
+    uris = write_run_report(dataset, evaluation, pending, config, store, run_id, quality=quality)
+    report_url = None
+    if registry_url:
+        report_url = f"{registry_url.rstrip('/')}/runs/{layout.run_segment(run_id)}"
+    hours = config.gate.approval_timeout_hours
+    body = request_body(decision, evaluation, run_id=run_id, timeout_hours=hours, report_uri=uris.get("html"),
+                        report_url=report_url, approvers=config.gate.approvers)
+    log.info("approval: asking %s to approve %s (answer within %g h)",
+             ", ".join(config.gate.approvers) or "any user with access", decision.get("challenger"), hours)
+    return {"subject": request_subject(decision), "body": body, "timeout_hours": hours,
+            "assigned_users": assigned_users(config)}
+
+
 def promote_stage(dataset: Mapping[str, Any], evaluation: Mapping[str, Any], decision: Mapping[str, Any],
                   config: PipelineConfig, store: ObjectStore, run_id: str, *,
-                  actor: str = "cli", quality: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                  actor: str = "cli", quality: Mapping[str, Any] | None = None,
+                  approval: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Publish the winner as an immutable version and move the pointer with a conditional write.
 
     If another promotion moved the pointer since the gate read it, re-gate against the new
     champion (on this run's test split) once and either promote properly or stop with the reason.
+    With human approval on, `approval` is the reviewer's answer (the HITL task's result; None: no
+    one was asked) and `ml.registry.approval.apply_approval` decides first: no approval, no move.
     """
+    from ml.registry.approval import apply_approval, approval_summary, stale_approval
     from ml.registry.packaging import publish_challenger
     from ml.registry.promotion import claim_version, keep_production, move_pointer
 
     model_name = config.storage.model_name
+    decision = apply_approval(decision, approval, config)
+    if decision.get("approval"):
+        log.info("promote: human approval: %s", approval_summary(decision["approval"]))
     if decision["promote"]:
         version, published = claim_version(store, model_name, run_id, decision["challenger"])
         dataset_dir = local_dataset(config, store, dataset)
@@ -510,7 +550,8 @@ def promote_stage(dataset: Mapping[str, Any], evaluation: Mapping[str, Any], dec
                                quality=quality)
 
         def regate(current: Mapping[str, Any]) -> dict[str, Any]:
-            return decide(dataset_dir, decision["challenger"], current, config, store, run_id)
+            return stale_approval(decision, current) or decide(dataset_dir, decision["challenger"], current,
+                                                               config, store, run_id)
 
         result = move_pointer(store, model_name, version, decision, run_id, actor=actor, regate=regate)
     else:
@@ -533,7 +574,8 @@ def write_run_report(dataset: Mapping[str, Any], evaluation: Mapping[str, Any], 
     report = build_run_report(run_id=run_id, dataset=dict(dataset), quality=dict(quality) if quality else None,
                               leaderboard=list(evaluation["leaderboard"]), production=evaluation.get("production"),
                               decision={**result.get("decision", {}), "promoted": result.get("promoted"),
-                                        "version": result.get("version"), "uri": result.get("uri")},
+                                        "version": result.get("version"), "uri": result.get("uri"),
+                                        **({"awaiting_approval": True} if result.get("awaiting_approval") else {})},
                               config=config.to_dict(),
                               confusions=_confusions(config, store, run_id, evaluation.get("best")))
     paths = write_report_files(report, local_run_dir(config, run_id) / "report")

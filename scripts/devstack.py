@@ -27,7 +27,14 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from ml.registry.seaweed import SeaweedServer  # noqa: E402
-from scripts.airflow_stack import BUCKET, DAG_ID, AirflowStack, StackError, TaskState  # noqa: E402
+from scripts.airflow_stack import (  # noqa: E402
+    BUCKET,
+    DAG_ID,
+    TRAINING_POOL_DESCRIPTION,
+    AirflowStack,
+    StackError,
+    TaskState,
+)
 
 DEMO = REPO / ".demo"
 SEAWEED_DIR = DEMO / "seaweed"
@@ -38,6 +45,7 @@ WEIGHTS_DIR = DEMO / "weights"
 DEMO_CONFIG = REPO / "config" / "demo.yaml"
 API_PORT = int(os.environ.get("ML_DEMO_AIRFLOW_PORT", "8080"))
 RUN_TIMEOUT_S = 1800
+TRAINING_SLOTS = 2  # the demo trains its two candidates side by side
 MODEL_NAME = "image-classifier"
 
 # Sized with config/demo.yaml so the whole demo (two candidates + one fine-tune) takes ~3 minutes on 2 cores.
@@ -123,11 +131,11 @@ def demo_weights() -> str:
     return info["path"]
 
 
-def prepare_airflow(stack: AirflowStack) -> None:
-    started = time.perf_counter()
-    stack.prepare()
-    say(f"Airflow home {AIRFLOW_HOME.relative_to(REPO)} ready (SQLite, LocalExecutor) "
-        f"in {time.perf_counter() - started:.0f} s")
+def start_airflow(stack: AirflowStack) -> None:
+    """`airflow standalone` (it migrates its SQLite database itself), then the `training` pool through REST."""
+    start_standalone(stack)
+    stack.set_pool("training", TRAINING_SLOTS, TRAINING_POOL_DESCRIPTION)
+    say(f"Airflow home {AIRFLOW_HOME.relative_to(REPO)} (SQLite, LocalExecutor); pool training: {TRAINING_SLOTS} slots")
 
 
 def ensure_sample() -> Path:
@@ -195,8 +203,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     stop_all = not args.keep_running and not already_up
     try:
         if not already_up:
-            prepare_airflow(stack)
-            start_standalone(stack)
+            start_airflow(stack)
         stack.wait_for_dag()
         conf = {**DEMO_PARAMS, "source": str(source), "weights": weights.result()}
         say(f"running DAG {DAG_ID} on airflow standalone (LocalExecutor; trainings run in parallel) ...")
@@ -219,11 +226,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_up(args: argparse.Namespace) -> int:
     server = start_store()
     stack = demo_stack(server)
-    prepare_airflow(stack)
     if stack.running():
         say(f"airflow standalone already running (pid {stack.pid})")
     else:
-        start_standalone(stack)
+        start_airflow(stack)
     password_file = AIRFLOW_HOME / "simple_auth_manager_passwords.json.generated"
     if password_file.exists():
         password_file.chmod(0o600)

@@ -13,10 +13,11 @@ twice. `build_image_cache` verifies the per-chunk checksums of an existing cache
 rebuilds it, with a warning, when it is truncated or corrupted.
 
 Memory stays bounded: images are decoded straight into the memmap, and readers gather one
-batch of uint8 rows at a time (never the whole dataset as float32) from a read-only memmap. Its
-pages count in the reader's RSS (file-backed and reclaimable: after one epoch over 5,000 images at
-224 px, ~750 MB). Positional reads (``os.preadv``) kept them out, but a shared descriptor under
-tf.data's threads failed with EBADF in longer test sessions (cause not found); reverted until it is.
+batch of uint8 rows at a time (never the whole dataset as float32) from a read-only mapping of
+the file. `ImageCache.gather` unmaps the pages it has copied (``madvise(MADV_DONTNEED)``): they
+stay in the kernel's page cache, not in the reader's RSS (one epoch over 5,000 images at 224 px
+would otherwise leave ~750 MB resident). No file descriptor is kept open, so tf.data's threads
+share nothing but the mapping.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import errno
 import hashlib
 import json
 import logging
+import mmap
 import os
 import shutil
 import time
@@ -53,7 +55,7 @@ INDEX_FILE = "index.parquet"
 META_FILE = "meta.json"
 CHUNK_BYTES = 16 * 1024 * 1024  # checksum block: ~16 MiB of pixels
 PARALLEL_MIN_IMAGES = 64  # below this, a thread pool costs more than it saves
-DECODE_WINDOW = 256  # images decoded ahead of the memmap writer
+DECODE_BLOCK = 32  # rows one decoding task writes: few enough tasks to cost nothing, enough to share the cores
 MAX_DEFAULT_WORKERS = 8  # default decoding threads: one per usable CPU, capped so a big shared worker is not swamped
 SPLITS = ("train", "val", "test")
 # Square sizes (pixels) a cache may be built at: below 8 px nothing is left of a photo; 2048^2 x 3
@@ -73,7 +75,8 @@ class ImageCache:
     folder: Path
     meta: dict[str, Any]
     index: pd.DataFrame
-    _images: np.memmap | None = field(default=None, repr=False)
+    _images: np.ndarray | None = field(default=None, repr=False)
+    _mapping: mmap.mmap | None = field(default=None, repr=False)
 
     @classmethod
     def open(
@@ -132,14 +135,16 @@ class ImageCache:
         return cls(folder=folder, meta=meta, index=index)
 
     @property
-    def images(self) -> np.memmap:
-        """The N x S x S x 3 uint8 memmap (opened read-only on first use)."""
+    def images(self) -> np.ndarray:
+        """The N x S x S x 3 uint8 pixels, a read-only view of the mapped file (mapped on first use)."""
         if self._images is None:
             shape = tuple(self.meta["shape"])
             if shape[0] == 0:
-                self._images = np.zeros(shape, dtype=np.uint8)  # type: ignore[assignment]
+                self._images = np.zeros(shape, dtype=np.uint8)
             else:
-                self._images = np.memmap(self.folder / IMAGES_FILE, dtype=np.uint8, mode="r", shape=shape)
+                with (self.folder / IMAGES_FILE).open("rb") as fh:
+                    self._mapping = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+                self._images = np.frombuffer(self._mapping, dtype=np.uint8).reshape(shape)
         return self._images
 
     @property
@@ -183,10 +188,25 @@ class ImageCache:
         if rows.min() < 0 or rows.max() >= shape[0]:
             raise DataError(f"image cache {self.folder}: rows must be in [0, {shape[0]}), "
                             f"got {int(rows.min())}..{int(rows.max())}")
-        # Reading in ascending order keeps the memmap access sequential-ish.
+        # Reading in ascending order keeps the file access sequential-ish.
         order = np.argsort(rows, kind="stable")
         out[order] = self.images[rows[order]]
+        self._release_pages(rows)
         return out
+
+    def _release_pages(self, rows: np.ndarray) -> None:
+        """Unmap the pages just copied from this process (they stay in the kernel's page cache).
+
+        Without this, every page an epoch reads stays resident in the process and counts in its
+        RSS (750 MB at 5,000 x 224 px): reclaimable, but a memory limit or an OOM killer sees it.
+        Safe while other threads read the same pages: a read-only shared mapping just faults them in again.
+        """
+        if self._mapping is None:
+            return
+        row_bytes = int(np.prod(self.meta["shape"][1:]))
+        for row in rows.tolist():
+            start = row * row_bytes // mmap.PAGESIZE * mmap.PAGESIZE
+            self._mapping.madvise(mmap.MADV_DONTNEED, start, row * row_bytes + row_bytes - start)
 
     def iter_batches(self, rows: np.ndarray | Sequence[int], batch_size: int) -> Iterator[np.ndarray]:
         """uint8 batches of the given rows, in order."""
@@ -329,14 +349,17 @@ def _build(
                 # Threads, not processes: file reads, cv2.imdecode and cv2.resize release the GIL,
                 # so threads use every core without pickling pixels, and unlike a process pool
                 # they neither fork a TensorFlow process (deadlock-prone) nor need the caller's
-                # script to have an `if __name__ == "__main__"` guard (spawn re-imports it). One image per
-                # thread: OpenCV's own pool is switched off meanwhile so it does not compete for the cores.
+                # script to have an `if __name__ == "__main__"` guard (spawn re-imports it). Each task
+                # decodes a block of rows straight into its memmap rows: no future, no copy and no
+                # decoded image held per row. OpenCV's own pool is off meanwhile so it does not
+                # compete for the cores.
+                def decode_block(start: int) -> None:
+                    for i in range(start, min(start + DECODE_BLOCK, n)):
+                        images[i] = _decode_resize(jobs[i])
+
                 with opencv_threads(1), ThreadPoolExecutor(max_workers=workers) as pool:
-                    # Windows of DECODE_WINDOW images: at most that many decoded images in memory.
-                    for start in range(0, n, DECODE_WINDOW):
-                        window = jobs[start : start + DECODE_WINDOW]
-                        for i, pixels in enumerate(pool.map(_decode_resize, window), start=start):
-                            images[i] = pixels
+                    for _ in pool.map(decode_block, range(0, n, DECODE_BLOCK)):
+                        pass  # re-raises a block's error (a DataError naming the file)
             else:
                 for i, job in enumerate(jobs):
                     images[i] = _decode_resize(job)

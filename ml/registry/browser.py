@@ -101,14 +101,27 @@ def render_overview(store: ObjectStore, model_name: str, *, base_url: str = "") 
         f"<tr><td>{esc(h.get('at'))}</td><td class='{'ok' if h.get('action') in ('promote', 'rollback') else 'no'}'>"
         f"{esc(h.get('action'))}</td><td>{esc(h.get('from'))} → {esc(h.get('to'))}</td>"
         f"<td>{_run_link(base_url, h.get('run_id')) if h.get('run_id') else ''}</td>"
-        f"<td>{'<br>'.join(esc(r) for r in h.get('reasons', []))}</td></tr>" for h in history)
+        f"<td>{'<br>'.join(esc(r) for r in h.get('reasons', []))}</td><td>{_approval_cell(h.get('approval'))}</td>"
+        "</tr>" for h in history)
     parts.append("<h2>Gate decisions and promotions</h2><table><tr><th>when</th><th>action</th><th>pointer</th>"
-                 f"<th>run</th><th>reasons</th></tr>{rows or '<tr><td colspan=5>none</td></tr>'}</table>")
+                 "<th>run</th><th>reasons</th><th>human approval</th></tr>"
+                 f"{rows or '<tr><td colspan=6>none</td></tr>'}</table>")
 
     runs = list_runs(store, model_name)[:30]
     items = "".join(f"<li>{_run_link(base_url, r)}</li>" for r in runs)
     parts.append(f"<h2>Runs</h2><ul>{items or '<li>none</li>'}</ul>")
     return html_page(f"Model registry: {model_name}", "".join(parts))
+
+
+def _approval_cell(record: Any) -> str:
+    """Who decided, when, and their comment (every part from the log, escaped); empty when not asked."""
+    from ml.registry.approval import approval_summary
+
+    if not isinstance(record, dict):
+        return ""
+    outcome = str(record.get("outcome") or "")
+    css = "ok" if outcome == "approved" else "no"
+    return f"<span class='{css}'>{esc(approval_summary(record))}</span>"
 
 
 def _version_links(base_url: str, version: dict[str, Any]) -> str:
@@ -140,7 +153,10 @@ def render_run(store: ObjectStore, model_name: str, run_segment: str, *, base_ur
                          f"<h1>No report for run {esc(run_id)}</h1><p><a href='{base_url}/'>back</a></p>")
     decision = report.get("decision") or {}
     verdict = ("<b class='ok'>promoted</b> " + esc(decision.get("version"))) if decision.get("promoted") \
+        else "<b>awaiting human approval</b>" if decision.get("awaiting_approval") \
         else "<b class='no'>production kept</b>"
+    if isinstance(decision.get("approval"), dict):
+        verdict += f" · human approval: {_approval_cell(decision['approval'])}"
     parts = [f"<p><a href='{base_url}/'>← registry</a></p><h1>Run {esc(run_id)}</h1>",
              f"<div class='card'>{verdict}<ul>"
              + "".join(f"<li>{esc(r)}</li>" for r in decision.get("reasons", [])) + "</ul></div>"]

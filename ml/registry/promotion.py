@@ -71,14 +71,20 @@ def claim_version(store: ObjectStore, model_name: str, run_id: str,
 
 
 def log_outcome(store: ObjectStore, model_name: str, run_id: str, actor: str, current: str | None,
-                challenger_version: str | None, *, promoted: bool, reasons: list[str]) -> None:
+                challenger_version: str | None, *, promoted: bool, reasons: list[str],
+                approval: Mapping[str, Any] | None = None) -> None:
     """One promotion-log entry for a gate outcome that did not move the pointer (keep, lost race)."""
     target = challenger_version if promoted else current
     append_promotion_log(store, model_name, {
         "at": datetime.now(UTC).isoformat(), "action": "promote" if promoted else "keep",
         "version": target or "none", "from": current, "to": target, "run_id": run_id, "actor": actor,
-        "reasons": reasons,
+        "reasons": reasons, **_approval_field(approval),
     })
+
+
+def _approval_field(approval: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The human decision (ml.registry.approval.approval_record) of a log entry, when one was asked for."""
+    return {"approval": dict(approval)} if approval else {}
 
 
 def promotion_logged(store: ObjectStore, model_name: str, run_id: str, version: str) -> bool:
@@ -119,7 +125,7 @@ def move_pointer(store: ObjectStore, model_name: str, version: str, decision: Ma
                 regated = regate(current)
                 log_outcome(store, model_name, run_id, actor, decision.get("champion_version"), version,
                             promoted=False, reasons=[f"lost the pointer race to {current['version']}"]
-                            + regated["reasons"])
+                            + regated["reasons"], approval=decision.get("approval"))
                 if not regated["promote"]:
                     log.info("promote: keeping %s: %s", current["version"], "; ".join(regated["reasons"]))
                     return {**result, "decision": regated,
@@ -135,6 +141,7 @@ def move_pointer(store: ObjectStore, model_name: str, version: str, decision: Ma
                 "at": pointer["promoted_at"], "action": "promote", "version": version,
                 "from": decision.get("champion_version"), "to": version, "run_id": run_id, "actor": actor,
                 "candidate": decision["challenger"], "reasons": list(decision["reasons"]),
+                **_approval_field(decision.get("approval")),
             })
         log.info("promote: production is now %s (%s)", version, pointer.get("version_uri"))
         return {**result, "decision": decision, "promoted": True, "version": version, "uri": pointer["uri"],
@@ -147,7 +154,8 @@ def keep_production(store: ObjectStore, model_name: str, decision: Mapping[str, 
     """The gate said keep: log it and say what production stays."""
     current, _ = read_pointer(store, model_name)
     version = current["version"] if current else None
-    log_outcome(store, model_name, run_id, actor, version, None, promoted=False, reasons=list(decision["reasons"]))
+    log_outcome(store, model_name, run_id, actor, version, None, promoted=False, reasons=list(decision["reasons"]),
+                approval=decision.get("approval"))
     reason = "; ".join(decision["reasons"])
     log.info("promote: production unchanged (%s): %s", version, reason)
     return {"promoted": False, "decision": dict(decision), "reason": reason, "version": version,

@@ -1,4 +1,4 @@
-"""The augmented bottleneck bank: its key, its integrity checks and the per-epoch view draws."""
+"""The augmented bottleneck bank: its key, its fused-warp views, its integrity checks and the per-epoch draws."""
 
 from __future__ import annotations
 
@@ -10,7 +10,17 @@ from typing import Any
 import numpy as np
 import pytest
 
-from ml.training.bank import Bank, bank_dataset, bank_path, epoch_order, load_or_build_bank, view_schedule
+from ml.training.bank import (
+    BANK_VERSION,
+    Bank,
+    augment_batch,
+    augment_image,
+    bank_dataset,
+    bank_path,
+    epoch_order,
+    load_or_build_bank,
+    view_schedule,
+)
 from ml.training.input_pipeline import AugmentConfig
 
 SIZE = 32
@@ -49,6 +59,62 @@ def _path(tmp: Path, dataset_hash: str = "d" * 64, rows: np.ndarray = ROWS, **ch
 def test_bank_key_changes_with_every_keyed_setting(tmp_path: Path, change: dict[str, Any]) -> None:
     assert _path(tmp_path, **change) != _path(tmp_path)
     assert _path(tmp_path) == _path(tmp_path)  # and only with them
+
+
+def test_bank_key_names_the_view_format_version(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Views made by the fused warp differ from the Keras layers' (version 1): never read one as the other.
+    assert BANK_VERSION == 2
+    current = _path(tmp_path)
+    monkeypatch.setattr("ml.training.bank.BANK_VERSION", 1)
+    assert _path(tmp_path) != current
+
+
+OFF = AugmentConfig(flip=False, rotation=0, zoom=0, translation=0, crop=0, brightness=0, contrast=0)
+
+
+def _image(seed: int = 0, size: int = 24) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=(size, size, 3), dtype=np.uint8)
+
+
+def test_augment_image_with_every_distortion_off_is_the_identity() -> None:
+    image = _image()
+    np.testing.assert_array_equal(augment_image(image, OFF, np.random.default_rng(1)), image)
+
+
+def test_augment_image_flip_is_an_exact_mirror_and_colour_jitter_a_per_channel_map() -> None:
+    image = _image()
+    flips = [augment_image(image, dataclasses.replace(OFF, flip=True), np.random.default_rng(s)) for s in range(16)]
+    mirrored = [np.array_equal(out, image[:, ::-1]) for out in flips]
+    assert all(m or np.array_equal(out, image) for m, out in zip(mirrored, flips, strict=True))
+    assert 0 < sum(mirrored) < 16  # p = 0.5
+    # Brightness only: every pixel moves by the same offset (clipped to [0, 255]).
+    flat = np.full((8, 8, 3), 128, dtype=np.uint8)
+    out = augment_image(flat, dataclasses.replace(OFF, brightness=0.3), np.random.default_rng(2)).astype(int)
+    assert len(np.unique(out)) == 1 and out[0, 0, 0] != 128 and abs(out[0, 0, 0] - 128) <= 0.3 * 255 + 1
+
+
+def test_augment_image_geometry_moves_pixels_within_its_ranges() -> None:
+    image = _image(size=64)
+    for name, value in (("rotation", 0.1), ("zoom", 0.2), ("translation", 0.2), ("crop", 0.2)):
+        outs = [augment_image(image, dataclasses.replace(OFF, **{name: value}), np.random.default_rng(s))
+                for s in range(4)]
+        assert all(out.shape == image.shape and out.dtype == np.uint8 for out in outs)
+        assert all(not np.array_equal(out, image) for out in outs), name
+        assert not np.array_equal(outs[0], outs[1]), name
+
+
+def test_views_depend_on_seed_view_and_row_only_not_on_the_batch() -> None:
+    images = np.stack([_image(i, 32) for i in range(4)])
+    rows = np.array([7, 3, 11, 5])
+    augment = AugmentConfig()
+    full = augment_batch(images, rows, augment, seed=4, view=1)
+
+    np.testing.assert_array_equal(full, augment_batch(images, rows, augment, seed=4, view=1))
+    # The same image under the same row in another batch, alone: the same pixels.
+    np.testing.assert_array_equal(augment_batch(images[2:3], rows[2:3], augment, seed=4, view=1), full[2:3])
+    assert not np.array_equal(full, augment_batch(images, rows, augment, seed=4, view=2))
+    assert not np.array_equal(full, augment_batch(images, rows, augment, seed=5, view=1))
+    assert not np.array_equal(full, images)
 
 
 def test_view_schedule_is_a_function_of_seed_and_epoch() -> None:
@@ -123,6 +189,24 @@ def test_bank_is_built_once_then_shared(tiny_cache: Any, tmp_path: Path) -> None
     assert not np.allclose(first.features[1], first.features[2])  # and differ from each other
 
 
+def test_same_seed_builds_the_same_bank_and_another_seed_another(tiny_cache: Any, tmp_path: Path) -> None:
+    rows = tiny_cache.split_indices("train")
+    clean = np.asarray(_extractor().predict(tiny_cache.gather(np.arange(len(tiny_cache))).astype(np.float32),
+                                            verbose=0))
+
+    def build(name: str, seed: int, batch_size: int) -> np.ndarray:
+        return np.array(load_or_build_bank(
+            tiny_cache, _extractor(), tmp_path / name, rows=rows, clean=clean, augment=AugmentConfig(), views=3,
+            seed=seed, batch_size=batch_size,
+        ).features)
+
+    first = build("a.npy", 3, 8)
+    np.testing.assert_allclose(build("b.npy", 3, 5), first, atol=1e-5)  # fresh build, other batching
+    other = build("c.npy", 4, 8)
+    np.testing.assert_array_equal(other[0], first[0])  # view 0 un-augmented either way
+    assert not np.allclose(other[1:], first[1:])
+
+
 @pytest.mark.parametrize("damage", ["flip a byte", "drop the sidecar", "other shape"])
 def test_damaged_bank_is_rebuilt_not_trusted(
     tiny_cache: Any, tmp_path: Path, damage: str, caplog: pytest.LogCaptureFixture
@@ -168,6 +252,11 @@ def test_bank_settings_are_part_of_the_candidate_settings() -> None:
     assert settings({"augment": False}).learning_rate == TrainConfig().head_learning_rate
     assert settings({"learning_rate": 0.02}).learning_rate == 0.02
     assert settings({"augment": False}).head_on_features == "bottlenecks"
+    # A head on features gets its own (longer) early-stopping patience; through the backbone, the config's.
+    assert default.early_stopping_patience == TrainConfig().head_early_stopping_patience
+    assert settings({"augment": False}).early_stopping_patience == TrainConfig().head_early_stopping_patience
+    assert settings({}, head_early_stopping_patience=12).early_stopping_patience == 12
+    assert settings({"frozen_phase": "backbone"}).early_stopping_patience == TrainConfig().early_stopping_patience
     through = settings({"frozen_phase": "backbone", "epochs": 4})
     assert through.head_on_features is None and through.epochs == 4
     assert through.learning_rate == TrainConfig().learning_rate

@@ -93,7 +93,7 @@ def test_parallel_decode_equals_serial(
     import ml.data.image_cache as image_cache
 
     monkeypatch.setattr(image_cache, "PARALLEL_MIN_IMAGES", 1)
-    monkeypatch.setattr(image_cache, "DECODE_WINDOW", 5)  # several windows, one partial
+    monkeypatch.setattr(image_cache, "DECODE_BLOCK", 5)  # several blocks, one partial
     serial = build_image_cache(fresh_dataset, SIZE, tmp_path / "a", workers=1)
 
     parallel = build_image_cache(fresh_dataset, SIZE, tmp_path / "b", workers=2)
@@ -173,3 +173,24 @@ def test_gather_reads_any_rows_in_the_given_order(tiny_dataset: Path, tmp_path: 
     assert cache.gather([]).shape == (0, SIZE, SIZE, 3)
     with pytest.raises(DataError, match=r"rows must be in \[0, 36\), got 0\.\.36"):
         cache.gather([0, 36])
+
+
+def _resident_file_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssFile:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no RssFile in /proc/self/status")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="needs Linux /proc to read RssFile")
+def test_gathered_pages_do_not_stay_resident_in_the_process(tiny_dataset: Path, tmp_path: Path) -> None:
+    size = 640  # 36 images x 1.2 MB: a 44 MB file, far above the test process's noise
+    cache = build_image_cache(tiny_dataset, size, tmp_path, workers=1)
+    file_mib = (cache.folder / "images.u8").stat().st_size / 2**20
+    before = _resident_file_mib()
+
+    for start in range(0, len(cache), 4):  # a whole epoch, as tf.data gathers it
+        cache.gather(np.arange(start, min(start + 4, len(cache))))
+
+    grown = _resident_file_mib() - before
+    assert grown < 0.25 * file_mib, f"{grown:.1f} MiB of the {file_mib:.1f} MiB cache stayed resident"
