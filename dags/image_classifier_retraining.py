@@ -10,6 +10,9 @@ S3-compatible object storage, only when it beats the model in production.
 **prepare** (decoded-image cache shared by the trainers) →
 **train** (one mapped task per candidate, in the `training` pool) →
 **finetune** (top-k transfer candidates, backbone unfrozen from its boundary layer) →
+**search** (when `search.enabled`: successive halving over trials `<base>__t<NN>`; `rung_<r>` is mapped over
+the trials still in, `survivors_<r>` keeps the top 1/η; survivors resume from their checkpoints; off, every
+task maps over zero trials and is skipped) →
 **evaluate** (builds each `ensemble_top<k>` candidate from the k best on validation, then scores every
 candidate and the production model on the same test split) →
 **gate** (min_delta, floors, per-class non-regression) →
@@ -51,6 +54,7 @@ from ml.config import (
     MAX_RUN_MINUTES_ENV,
     PRODUCTION_ASSET_NAME,
     PRODUCTION_ASSET_URI,
+    SEARCH_RUNGS_RANGE,
     GateConfig,
     max_run_minutes,
 )
@@ -106,6 +110,8 @@ PARAMS = {
                              "Empty: train.finetune_top_k.", minimum=0, maximum=10),
     "min_delta": _param("number", "Minimum improvement", "A challenger must beat production by this much on the "
                         "gate metric. Empty: gate.min_delta.", minimum=0, maximum=1),
+    "search": _param("boolean", "Hyperparameter search", "Run the config file's search block (search.bases, "
+                     "space, rungs): its trials become candidates. Empty: search.enabled."),
     "force": Param(False, type="boolean", title="Force",
                    description="Train even if production saw this exact dataset; promote if floors pass."),
     "allow_label_change": Param(False, type="boolean", title="Allow a different label set",
@@ -214,6 +220,33 @@ def finetune(dataset: dict, transfer_candidate: str) -> dict:
     return finetune_stage(dataset, transfer_candidate, config, _store(config), _run_id())
 
 
+@task
+def search_trials() -> list[str]:
+    """The search's trial names, drawn from search.seed (none when the search is off)."""
+    from ml.pipeline import search_plan_stage
+
+    return search_plan_stage(_config())
+
+
+@task(**TRAINING)
+def search_rung(dataset: dict, trial: str, rung: int) -> dict:
+    """Train one trial to this rung's epochs (resuming its previous rung) and publish it."""
+    from ml.pipeline import search_trial_stage
+
+    get_current_context()["candidate_label"] = trial
+    config = _config()
+    return search_trial_stage(dataset, trial, rung, config, _store(config), _run_id())
+
+
+@task
+def survivors(rung: int) -> list[str]:
+    """The top 1/eta of the rung's published results ([] after the last rung)."""
+    from ml.pipeline import search_survivors_stage
+
+    config = _config()
+    return search_survivors_stage(rung, config, _store(config), _run_id())
+
+
 # Skipped upstreams are fine (a fine-tune mapped over zero candidates is "skipped"); a failed
 # training is not: the run stops there, and clearing that task resumes it. Results are read from
 # the store, so retried or cleared tasks are picked up as published.
@@ -319,9 +352,19 @@ def image_classifier_retraining():
         go >> candidates
         trained = train.partial(dataset=dataset).expand(candidate=candidates)
         finetuned = finetune.partial(dataset=dataset).expand(transfer_candidate=pick_for_finetuning(trained))
+    with TaskGroup("search"):
+        trials = search_trials.override(task_id="plan")()
+        go >> trials
+        rungs = []
+        for rung in range(1, SEARCH_RUNGS_RANGE[1] + 1):
+            rungs.append(search_rung.override(task_id=f"rung_{rung}").partial(dataset=dataset, rung=rung)
+                         .expand(trial=trials))
+            if rung < SEARCH_RUNGS_RANGE[1]:
+                trials = survivors.override(task_id=f"survivors_{rung}")(rung=rung)
+                rungs[-1] >> trials
     with TaskGroup("release"):
         evaluation = evaluate(dataset)
-        [trained, finetuned] >> evaluation
+        [trained, finetuned, *rungs] >> evaluation
         decision = gate(dataset, evaluation)
         request = needs_approval(dataset, evaluation, decision, quality)
         approval = PromotionApproval(task_id="approve", request_task_id=request.operator.task_id)

@@ -171,6 +171,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         ingest_stage,
         prepare_stage,
         promote_stage,
+        search_stage,
         select_for_finetuning,
         should_train,
         train_stage,
@@ -179,7 +180,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from ml.registry.runs import new_run_id
 
     config = _config(args, source=args.source, candidates=args.candidates, epochs=args.epochs,
-                     image_size=args.image_size, weights=args.weights, min_delta=args.min_delta, force=args.force)
+                     image_size=args.image_size, weights=args.weights, min_delta=args.min_delta, force=args.force,
+                     search=args.search)
     store = open_store(config)
     store.ensure_bucket()
     run_id = args.run_id or new_run_id()
@@ -193,6 +195,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     results = [train_stage(dataset, c, config, store, run_id) for c in config.train.trained_candidates]
     results += [finetune_stage(dataset, c, config, store, run_id)
                 for c in select_for_finetuning(results, config)]
+    # The search block's trials, rung after rung (the DAG maps each rung over its trials).
+    results += search_stage(dataset, config, store, run_id)
     evaluation = evaluate_stage(dataset, results, config, store, run_id)
     decision = gate_stage(dataset, evaluation, config, store, run_id)
     result = promote_stage(dataset, evaluation, decision, config, store, run_id, actor="cli", quality=quality)
@@ -403,6 +407,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights")
     p.add_argument("--min-delta", type=float)
     p.add_argument("--force", action="store_true", default=None)
+    p.add_argument("--search", action=argparse.BooleanOptionalAction, default=None,
+                   help="run the config's search block (default: search.enabled)")
     p.add_argument("--run-id", type=_run_id_arg)
     p.set_defaults(func=cmd_run)
 

@@ -265,6 +265,8 @@ class TrainConfig:
             _require(isinstance(name, str) and name.startswith(("scratch_", "transfer_", "ensemble_top")),
                      f"candidate {name!r} must start with 'scratch_', 'transfer_' or 'ensemble_top'")
             _check_registry_name(name, "train.candidates")
+            _require(_trial_base(name) is None, f"train.candidates: {name!r} is a search trial's name; trials are "
+                                                "made by the search block (search.bases), not listed")
         for name in self.candidate_options:
             _check_registry_name(name, "train.candidate_options")
         _check_ensembles(self)
@@ -320,6 +322,127 @@ def _check_ensembles(train: TrainConfig) -> None:
                 ensemble_weighting(name, options)
             except ConfigError as exc:
                 raise ConfigError(f"train.candidate_options.{name}: {exc}") from None
+
+
+def _trial_base(name: str) -> str | None:
+    from ml.models.registry import trial_base
+
+    return trial_base(name)
+
+
+SEARCH_METRICS = ("val_accuracy", "val_loss")
+SEARCH_RUNGS_RANGE = (1, 3)  # the DAG has three rung groups; unused ones map over zero trials
+SEARCH_ETA_RANGE = (2, 10)  # keep the top 1/eta of each rung
+LOG_UNIFORM = "log_uniform"
+# Space keys that take real values (a log-uniform range is allowed); the others take choices only.
+SEARCH_FLOAT_KEYS = ("learning_rate", "dropout", "head_dropout", "l2", "alpha")
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """Hyperparameter search as candidates: successive halving over trials of a few base candidates.
+
+    Trial i (1-based) is ``<base>__t<NN>`` of ``bases[(i - 1) % len(bases)]`` with settings drawn from
+    `space` by `seed` (`ml.training.search.sample_trials`). Rung r trains every trial still in to
+    ``min_epochs * eta**(r - 1)`` epochs, resuming from its rung r - 1 checkpoint; after each rung but
+    the last, the top 1/eta by `metric` (at least one) go on. Off by default.
+
+    Attributes:
+        enabled: Run the search (its trials join the run's candidates).
+        bases: Candidates the trials vary (``scratch_*``, ``transfer_*``).
+        space: Setting -> a list of choices, or ``{log_uniform: [low, high]}`` for real-valued
+            settings (`SEARCH_FLOAT_KEYS`); only keys every base understands
+            (`ml.models.registry.searchable_keys`).
+        max_trials: Trials of rung 1 (at most 99), fewer when `max_total_epochs` says so.
+        eta: Keep the top 1/eta after each rung; epochs grow by eta per rung.
+        rungs: 1 to 3.
+        min_epochs: Epochs of rung 1.
+        max_total_epochs: Budget over every trial and rung (survivors resume, so a rung costs only
+            its extra epochs); over it, `max_trials` shrinks to fit (logged), and a budget below one
+            trial's full schedule is refused. None: no budget.
+        metric: Survivors are chosen by ``val_accuracy`` (higher) or ``val_loss`` (lower).
+        seed: Trials are drawn from this seed: the same config gives the same trials.
+    """
+
+    enabled: bool = False
+    bases: tuple[str, ...] = ()
+    space: Mapping[str, Any] = field(default_factory=dict)
+    max_trials: int = 8
+    eta: int = 2
+    rungs: int = 2
+    min_epochs: int = 2
+    max_total_epochs: int | None = None
+    metric: str = "val_accuracy"
+    seed: int = 1337
+
+    def __post_init__(self) -> None:
+        _require(isinstance(self.enabled, bool), f"search.enabled must be true or false, got {self.enabled!r}")
+        _require(not isinstance(self.bases, (str, bytes)) and isinstance(self.bases, (list, tuple)),
+                 f"search.bases must be a list of candidate names, got {self.bases!r}")
+        bases = tuple(self.bases)
+        object.__setattr__(self, "bases", bases)
+        _require(len(set(bases)) == len(bases), f"search.bases has duplicates: {list(bases)}")
+        _require(bool(bases) or not self.enabled, "search.bases must name at least one candidate when "
+                                                  "search.enabled is true (e.g. [scratch_small])")
+        for name, bounds in (("max_trials", (1, 99)), ("eta", SEARCH_ETA_RANGE), ("rungs", SEARCH_RUNGS_RANGE),
+                             ("min_epochs", EPOCHS_RANGE)):
+            object.__setattr__(self, name, check_int_setting(f"search.{name}", getattr(self, name), bounds))
+        if self.max_total_epochs is not None:
+            object.__setattr__(self, "max_total_epochs", check_int_setting(
+                "search.max_total_epochs", self.max_total_epochs, (1, 1_000_000)))
+        _require(isinstance(self.seed, int) and not isinstance(self.seed, bool),
+                 f"search.seed must be an integer, got {self.seed!r}")
+        _require(self.metric in SEARCH_METRICS, f"search.metric must be one of {list(SEARCH_METRICS)}, "
+                                                f"got {self.metric!r}")
+        last = self.min_epochs * self.eta ** (self.rungs - 1)
+        _require(last <= EPOCHS_RANGE[1], f"search: the last rung would train {last} epochs (min_epochs "
+                                          f"{self.min_epochs} x eta {self.eta}^{self.rungs - 1}); at most "
+                                          f"{EPOCHS_RANGE[1]} allowed: lower min_epochs, eta or rungs")
+        for base in bases:
+            _check_registry_name(base, "search.bases")
+            _require(base.startswith(("scratch_", "transfer_")) and _trial_base(base) is None,
+                     f"search.bases: {base!r} cannot be searched; allowed: scratch_* and transfer_* candidates")
+        _require(isinstance(self.space, Mapping), f"search.space must be a mapping of setting -> choices, "
+                                                  f"got {self.space!r}")
+        object.__setattr__(self, "space", {str(k): _check_space_entry(str(k), v, bases)
+                                           for k, v in self.space.items()})
+        if self.max_total_epochs is not None and self.max_total_epochs < last:
+            raise ConfigError(f"search.max_total_epochs {self.max_total_epochs} is below one trial's schedule "
+                              f"through all {self.rungs} rungs ({last} epochs); raise it or lower "
+                              "min_epochs, eta or rungs")
+
+    @property
+    def rung_epochs(self) -> tuple[int, ...]:
+        """Epochs each rung trains to: ``min_epochs * eta**(r - 1)`` for r = 1..rungs."""
+        return tuple(self.min_epochs * self.eta ** r for r in range(self.rungs))
+
+
+def _check_space_entry(key: str, value: Any, bases: tuple[str, ...]) -> Any:
+    """One search.space entry, checked for shape and for every base understanding `key`."""
+    from ml.models.registry import searchable_keys
+
+    where = f"search.space.{key}"
+    for base in bases:
+        allowed = searchable_keys(base)
+        _require(key in allowed, f"{where}: {base} has no setting {key!r}; allowed: {list(allowed)}")
+    _require(key != "epochs", f"{where}: epochs are set by the rung schedule (search.min_epochs, eta, rungs)")
+    if isinstance(value, Mapping):
+        _require(set(value) == {LOG_UNIFORM}, f"{where} must be a list of choices or {{{LOG_UNIFORM}: "
+                                              f"[low, high]}}, got {dict(value)!r}")
+        _require(key in SEARCH_FLOAT_KEYS, f"{where}: a {LOG_UNIFORM} range needs a real-valued setting "
+                                           f"({list(SEARCH_FLOAT_KEYS)}); give {key} a list of choices")
+        bounds = value[LOG_UNIFORM]
+        ok = (isinstance(bounds, (list, tuple)) and len(bounds) == 2
+              and all(isinstance(b, (int, float)) and not isinstance(b, bool) and math.isfinite(b) for b in bounds)
+              and 0 < bounds[0] < bounds[1])
+        _require(ok, f"{where}.{LOG_UNIFORM} must be [low, high] with 0 < low < high, got {bounds!r}")
+        return {LOG_UNIFORM: (float(bounds[0]), float(bounds[1]))}
+    _require(isinstance(value, (list, tuple)) and len(value) > 0,
+             f"{where} must be a non-empty list of choices or {{{LOG_UNIFORM}: [low, high]}}, got {value!r}")
+    _require(all(isinstance(v, (int, float, bool, str)) for v in value),
+             f"{where}: choices must be numbers, booleans or strings, got {list(value)!r}")
+    _require(len(set(map(repr, value))) == len(value), f"{where} has duplicate choices: {list(value)}")
+    return tuple(value)
 
 
 @dataclass(frozen=True)
@@ -453,6 +576,7 @@ class PipelineConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     gate: GateConfig = field(default_factory=GateConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
     work_dir: Path = field(default_factory=lambda: Path(os.environ.get("ML_WORK_DIR", REPO_ROOT / ".work")))
 
     def __post_init__(self) -> None:
@@ -461,12 +585,16 @@ class PipelineConfig:
         if self.data.source:
             self.security.check_source(self.data.source)
         self.security.check_weights(self.train.weights)
+        if self.search.enabled:
+            from ml.training.search import check_search
+
+            check_search(self)  # every choice and range end through the trial's training settings
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> PipelineConfig:
         """Build from a nested mapping ({'storage': {...}, 'train': {...}, ...})."""
         sections = {"storage": StorageConfig, "data": DataConfig, "train": TrainConfig, "gate": GateConfig,
-                    "security": SecurityConfig}
+                    "security": SecurityConfig, "search": SearchConfig}
         unknown = set(raw) - set(sections) - {"work_dir"}
         _require(not unknown, f"unknown config sections {sorted(unknown)}; allowed: {sorted(sections)} and work_dir")
         kwargs: dict[str, Any] = {}
@@ -512,6 +640,8 @@ class PipelineConfig:
         out = dataclasses.asdict(self)
         out["work_dir"] = str(self.work_dir)
         out["train"]["candidate_options"] = {k: dict(v) for k, v in self.train.candidate_options.items()}
+        out["search"]["space"] = {k: dict(v) if isinstance(v, Mapping) else list(v)
+                                  for k, v in self.search.space.items()}
         return out
 
 
@@ -552,6 +682,7 @@ def overrides_from_params(params: Mapping[str, Any]) -> dict[str, Any]:
         "force": ("gate", "force"),
         "allow_label_change": ("gate", "allow_label_change"),
         "require_approval": ("gate", "require_approval"),
+        "search": ("search", "enabled"),
     }
     out: dict[str, Any] = {}
     for name, (section, key) in mapping.items():

@@ -32,9 +32,12 @@ from ml.registry.runs import (
     local_run_dir,
     publish_candidate,
     published_summary,
+    read_run_json,
     run_key,
     small,
+    unpublish_candidate,
     upload_run_files,
+    write_run_json,
 )
 
 if TYPE_CHECKING:
@@ -241,7 +244,11 @@ def ensemble_stage(dataset: DatasetRef, config: PipelineConfig, store: ObjectSto
             results.append(published)
     if not pending:
         return results
-    members = [s["candidate"] for s in published_candidates(config, store, run_id) if not is_ensemble(s["candidate"])]
+    from ml.training.search import is_eliminated
+
+    # Search trials that stopped before the last rung are not members: the search ranked them out on validation.
+    members = [s["candidate"] for s in published_candidates(config, store, run_id)
+               if not is_ensemble(s["candidate"]) and not is_eliminated(s)]
     folders = {name: ensure_candidate_local(store, config, run_id, name) for name in members}
     dataset_dir = local_dataset(config, store, dataset)
     scored = score_members(dataset_dir, folders, cache_root=cache_root(config))
@@ -250,6 +257,131 @@ def ensemble_stage(dataset: DatasetRef, config: PipelineConfig, store: ObjectSto
         summary = build_ensemble_candidate(dataset_dir, name, scored, out_dir, config.train, metric=config.gate.metric)
         results.append(publish_candidate(store, config, run_id, name, out_dir, summary))
     return results
+
+
+# --------------------------------------------------------------------------- hyperparameter search
+
+
+def search_plan_stage(config: PipelineConfig) -> list[str]:
+    """The search's trial names (none when ``search.enabled`` is false); logs the plan once."""
+    from ml.training.search import plan_search
+
+    plan = plan_search(config.search)
+    if plan.note:
+        log.warning("search: %s", plan.note)
+    if plan.trials:
+        log.info("search: %d trials, rungs to %s epochs, eta %d, survivors by %s; %d epochs in all:\n%s",
+                 len(plan.trials), list(plan.rung_epochs), plan.eta, plan.metric, plan.cost,
+                 "\n".join(f"  {t.name}: {t.describe()}" for t in plan.trials))
+    return [t.name for t in plan.trials]
+
+
+def search_trial_stage(dataset: DatasetRef, trial_name: str, rung: int, config: PipelineConfig,
+                       store: ObjectStore | None, run_id: str) -> dict[str, Any]:
+    """Train one trial to its rung's epochs, resuming from its previous rung's checkpoint; publish it.
+
+    The trial's candidate folder holds its latest rung (its summary's ``search.rung`` says which);
+    ``search/rung-<r>/<trial>.json`` is written after it, so a retried task that finds it reuses it.
+    The checkpoints stay for the next rung; after the last rung they are deleted (after the record).
+    """
+    from ml.training.fit import SUMMARY_FILE, train_candidate
+    from ml.training.search import plan_search, search_info, trial_train_config
+
+    plan = plan_search(config.search)
+    trial = plan.trial(trial_name)
+    if not 1 <= rung <= plan.rungs:
+        raise DataError(f"search rung {rung} of {trial.name}: this search has rungs 1 to {plan.rungs}")
+    parts = layout.search_rung_parts(rung, trial.name)
+    record = read_run_json(store, config, run_id, parts)
+    if record is not None:
+        log.info("search rung %d %s: already published by an earlier attempt, reusing it", rung, trial.name)
+        return record
+    epochs = plan.rung_epochs[rung - 1]
+    checkpoints = _checkpoints(store, config, run_id, trial.name)
+    if rung > 1:
+        unpublish_candidate(store, config, run_id, trial.name)
+    dataset_dir = local_dataset(config, store, dataset)
+    out_dir = fresh_dir(local_run_dir(config, run_id) / trial.name)
+    summary = train_candidate(dataset_dir, trial.name, out_dir, trial_train_config(config.train, trial, epochs),
+                              cache_root=cache_root(config), store=store, checkpoints=checkpoints)
+    summary = {**summary, "search": search_info(trial, rung, plan)}
+    write_json(out_dir / SUMMARY_FILE, summary)  # the marker carries the rung too
+    publish_candidate(store, config, run_id, trial.name, out_dir, summary)
+    record = to_jsonable({"trial": trial.name, "base": trial.base, "params": dict(trial.params), "rung": rung,
+                          "epochs": epochs, "epochs_run": summary.get("epochs_run"),
+                          "val_accuracy": summary.get("val_accuracy"), "val_loss": summary.get("val_loss")})
+    write_run_json(store, config, run_id, parts, record)
+    if rung == plan.rungs:  # after the record: a retry killed before it still resumes instead of starting over
+        _drop_checkpoints(checkpoints, trial.name)
+    log.info("search rung %d/%d %s (%s): %s epochs run of %d (%d resumed), val_accuracy %s, val_loss %s", rung,
+             plan.rungs, trial.name, trial.describe(), record["epochs_run"], epochs, summary.get("resumed_epochs") or 0,
+             _fmt(record["val_accuracy"]), _fmt(record["val_loss"]))
+    return record
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, (int, float)) else "n/a"
+
+
+def search_survivors_stage(rung: int, config: PipelineConfig, store: ObjectStore | None, run_id: str) -> list[str]:
+    """The trials that go on after `rung`: the top 1/eta of its published results ([] after the last rung).
+
+    Reads every entrant's ``search/rung-<r>/<trial>.json`` (not XCom: a cleared or retried rung task is read as
+    published), writes ``search/survivors-<r>.json`` and deletes the eliminated trials' checkpoints.
+    """
+    from ml.training.search import plan_search, rank_results, select_survivors
+
+    plan = plan_search(config.search)
+    if rung >= plan.rungs or not plan.trials:
+        return []
+    entrants = _search_entrants(rung, plan, config, store, run_id)
+    results = []
+    for name in entrants:
+        record = read_run_json(store, config, run_id, layout.search_rung_parts(rung, name))
+        if record is None:
+            where = "/".join(layout.search_rung_parts(rung, name))
+            raise DataError(f"search rung {rung}: {name} published no result ({where}); clear its rung task")
+        results.append(record)
+    survivors = select_survivors(results, plan.metric, plan.eta)
+    ranked = rank_results(results, plan.metric)
+    for record in ranked:
+        log.info("search rung %d: %-24s %s=%s %s", rung, record["trial"], plan.metric, _fmt(record.get(plan.metric)),
+                 f"-> rung {rung + 1}" if record["trial"] in survivors else "eliminated")
+    for name in entrants:
+        if name not in survivors:
+            _drop_checkpoints(_checkpoints(store, config, run_id, name), name)
+    write_run_json(store, config, run_id, layout.search_survivors_parts(rung),
+                   {"rung": rung, "metric": plan.metric, "eta": plan.eta, "survivors": survivors,
+                    "ranked": [r["trial"] for r in ranked]})
+    return survivors
+
+
+def _search_entrants(rung: int, plan: Any, config: PipelineConfig, store: ObjectStore | None,
+                     run_id: str) -> list[str]:
+    if rung == 1:
+        return [t.name for t in plan.trials]
+    previous = read_run_json(store, config, run_id, layout.search_survivors_parts(rung - 1))
+    if previous is None:
+        raise DataError(f"search rung {rung}: no survivors of rung {rung - 1} were published")
+    return [plan.trial(name).name for name in previous["survivors"]]
+
+
+def search_stage(dataset: DatasetRef, config: PipelineConfig, store: ObjectStore | None,
+                 run_id: str) -> list[dict[str, Any]]:
+    """The whole search in this process (the CLI; the DAG maps each rung): the trials' published summaries."""
+    from ml.models.registry import trial_base
+    from ml.registry.runs import published_candidates
+
+    names = search_plan_stage(config)
+    if not names:
+        return []
+    for rung in range(1, config.search.rungs + 1):
+        for name in names:
+            search_trial_stage(dataset, name, rung, config, store, run_id)
+        names = search_survivors_stage(rung, config, store, run_id)
+        if not names:
+            break
+    return [s for s in published_candidates(config, store, run_id) if trial_base(s["candidate"]) is not None]
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -264,6 +396,7 @@ def evaluate_stage(dataset: DatasetRef, results: Sequence[Mapping[str, Any] | No
         best_candidate,
         build_leaderboard,
         format_leaderboard_table,
+        mark_eliminated,
         write_leaderboard,
     )
     from ml.evaluation.scoring import cost_fields, evaluate_candidate, score_fields
@@ -280,7 +413,7 @@ def evaluate_stage(dataset: DatasetRef, results: Sequence[Mapping[str, Any] | No
     if not entries:
         raise DataError("no candidate finished training: nothing to evaluate")
     production = evaluate_production(dataset_dir, config, store, run_id)
-    rows = build_leaderboard(entries, metric=config.gate.metric)
+    rows = mark_eliminated(build_leaderboard(entries, metric=config.gate.metric))
     rows = apply_budgets(rows, max_model_mb=config.gate.max_model_mb, max_latency_ms=config.gate.max_latency_ms)
     best = best_candidate(rows)
     if best is None:

@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 STATUS_OK = "ok"
 STATUS_FAILED = "failed"
 STATUS_OVER_BUDGET = "over budget"
+# A search trial that stopped before the last rung: on the board, ranked, never the gate's challenger.
+STATUS_ELIMINATED = "eliminated"
 # Direction of each rankable metric: True when higher is better.
 HIGHER_IS_BETTER = {
     "accuracy": True,
@@ -48,6 +50,12 @@ _COLUMNS: list[tuple[str, str, str]] = [
     ("latency ms", "latency_ms", "f1"),
     ("vs parent", "vs_parent_points", "signed"),
 ]
+# Shown only when a row is a search trial: its rung and settings.
+_SEARCH_COLUMN = ("search", "search", "search")
+
+
+def _columns(rows: Sequence[Mapping[str, Any]]) -> list[tuple[str, str, str]]:
+    return _COLUMNS + [_SEARCH_COLUMN] if any(isinstance(r.get("search"), Mapping) for r in rows) else _COLUMNS
 
 
 def _number(value: Any) -> float | None:
@@ -135,6 +143,20 @@ def _compare_with_parents(rows: list[dict], metric: str) -> None:
                         row["candidate"], parent["candidate"], metric, mine, theirs)
 
 
+def mark_eliminated(rows: Sequence[Mapping[str, Any]]) -> list[dict]:
+    """Mark "ok" search trials that stopped before the last rung as "eliminated" (ranks kept, gate skips them)."""
+    out = []
+    for source in rows:
+        row = dict(source)
+        info = row.get("search")
+        if _status(row) == STATUS_OK and isinstance(info, Mapping) and int(info.get("rung", 0)) < int(
+                info.get("rungs", 0)):
+            row["status"] = STATUS_ELIMINATED
+            row["eliminated_reason"] = f"stopped after rung {info.get('rung')} of {info.get('rungs')}"
+        out.append(row)
+    return out
+
+
 def best_candidate(rows: Sequence[Mapping[str, Any]]) -> dict | None:
     """The highest-ranked row whose status is "ok" (eligible for the gate), or None."""
     for row in rows:
@@ -188,6 +210,10 @@ def apply_budgets(
 
 
 def _format(value: Any, kind: str) -> str:
+    if kind == "search":
+        from ml.training.search import describe_search
+
+        return describe_search(value) if isinstance(value, Mapping) else "-"
     number = _number(value)
     if number is None:
         return "-"
@@ -233,16 +259,17 @@ def format_leaderboard_table(
 
     Accuracy, top-5 and F1 are percentages; MB are 10^6 bytes.
     """
-    headers = ["#", "candidate", *[h for h, _, _ in _COLUMNS], "status"]
+    columns = _columns(rows)
+    headers = ["#", "candidate", *[h for h, _, _ in columns], "status"]
     body: list[list[str]] = []
     for row in rows:
         rank = row.get("rank")
         body.append([str(rank) if rank is not None else "-", str(row.get("candidate", "?")),
-                     *[_format(row.get(key), kind) for _, key, kind in _COLUMNS], _status(row)])
+                     *[_format(row.get(key), kind) for _, key, kind in columns], _status(row)])
     prod = production_row(production)
     prod_line = None
     if prod is not None:
-        prod_line = ["*", prod["candidate"], *[_format(prod.get(key), kind) for _, key, kind in _COLUMNS],
+        prod_line = ["*", prod["candidate"], *[_format(prod.get(key), kind) for _, key, kind in columns],
                      "production"]
     all_lines = body + ([prod_line] if prod_line else [])
     widths = [max(len(headers[i]), *(len(line[i]) for line in all_lines)) if all_lines else len(headers[i])
@@ -268,29 +295,33 @@ def leaderboard_html_table(
     rows: Sequence[Mapping[str, Any]], *, production: Mapping[str, Any] | None = None
 ) -> str:
     """The leaderboard as an HTML <table> fragment (escaped), best first, production last."""
-    head = "".join(f"<th>{esc(h)}</th>" for h in ["#", "candidate", *[h for h, _, _ in _COLUMNS], "status"])
+    columns = _columns(rows)
+    head = "".join(f"<th>{esc(h)}</th>" for h in ["#", "candidate", *[h for h, _, _ in columns], "status"])
     lines = [f"<table class=\"leaderboard\"><thead><tr>{head}</tr></thead><tbody>"]
     best = best_candidate(rows)
     for row in rows:
         status = _status(row)
-        css = {STATUS_FAILED: "failed", STATUS_OVER_BUDGET: "over-budget"}.get(status, "")
+        css = {STATUS_FAILED: "failed", STATUS_OVER_BUDGET: "over-budget", STATUS_ELIMINATED: "over-budget"}.get(
+            status, "")
         if best is not None and row.get("candidate") == best.get("candidate"):
             css = "best"
         note = status
         if row.get("budget_reasons"):
             note += ": " + "; ".join(str(r) for r in row["budget_reasons"])
+        if status == STATUS_ELIMINATED and row.get("eliminated_reason"):
+            note += ": " + str(row["eliminated_reason"])
         if status == STATUS_FAILED and row.get("error"):
             note += ": " + str(row["error"])
         rank = row.get("rank")
         cells = [f"<td class=\"num\">{esc(rank if rank is not None else '-')}</td>",
                  f"<td>{esc(row.get('candidate', '?'))}</td>"]
-        cells += [f"<td class=\"num\">{esc(_format(row.get(key), kind))}</td>" for _, key, kind in _COLUMNS]
+        cells += [f"<td class=\"num\">{esc(_format(row.get(key), kind))}</td>" for _, key, kind in columns]
         cells.append(f"<td>{esc(note)}</td>")
         lines.append(f"<tr class=\"{css}\">{''.join(cells)}</tr>")
     prod = production_row(production)
     if prod is not None:
         cells = ["<td class=\"num\">*</td>", f"<td>{esc(prod['candidate'])}</td>"]
-        cells += [f"<td class=\"num\">{esc(_format(prod.get(key), kind))}</td>" for _, key, kind in _COLUMNS]
+        cells += [f"<td class=\"num\">{esc(_format(prod.get(key), kind))}</td>" for _, key, kind in columns]
         cells.append("<td>production (same test split)</td>")
         lines.append(f"<tr class=\"production\">{''.join(cells)}</tr>")
     lines.append("</tbody></table>")

@@ -26,7 +26,9 @@ SCORE_FIELDS = ("accuracy", "top5_accuracy", "log_loss", "macro_f1", "ece", "n",
 COST_FIELDS = {"train_wall_time_s": "wall_time_s", "peak_rss_mb": "peak_rss_mb", "params": "params",
                "val_accuracy": "val_accuracy", "architecture": "architecture", "weights": "weights",
                # A fine-tuned candidate's parent and its validation comparison (ml.training.finetune).
-               "parent": "parent", "vs_parent_val": "vs_parent"}
+               "parent": "parent", "vs_parent_val": "vs_parent",
+               # A search trial's base, settings and the rung it reached (ml.training.search.search_info).
+               "search": "search"}
 
 
 def score_fields(metrics: Mapping[str, Any]) -> dict[str, Any]:

@@ -10,6 +10,8 @@ imports it when called.
 Candidate names: ``scratch_<variant>``, ``transfer_<architecture>``, made from a trained
 transfer candidate ``finetune_<architecture>``, and ``ensemble_top<k>``: the k best trained
 candidates of the run (on validation) averaged into one model (`ml.training.ensemble`).
+A hyperparameter-search trial (`ml.training.search`) is named after its base candidate:
+``<base>__t<NN>`` (``scratch_small__t03``), and parses as its base.
 """
 
 from __future__ import annotations
@@ -30,6 +32,9 @@ ENSEMBLE_K_RANGE = (2, 8)  # 2 members at least to average; 8 keeps the model an
 ENSEMBLE_WEIGHTINGS = ("uniform", "inverse_log_loss")
 ENSEMBLE_OPTION_KEYS = ("weighting",)
 PREPROCESS_MODES = ("tf", "torch", "caffe", "none")  # same as ml.models.layers.PREPROCESS_MODES
+# ``<base>__t<NN>``: a search trial of a scratch_*/transfer_* base; two digits, so at most 99 trials.
+TRIAL_SEPARATOR = "__t"
+MAX_TRIALS = 99
 
 
 @dataclass(frozen=True)
@@ -164,6 +169,10 @@ FROZEN_PHASE_OPTION_KEYS = ("frozen_phase", "bank_views")
 
 _ARCHITECTURES: dict[str, ArchitectureSpec] = {}
 _SCRATCH: dict[str, ScratchSpec] = {}
+
+# What a hyperparameter search (`ml.training.search`) may vary besides a base's model options:
+# training settings any base reads. ``epochs`` is the search's own (the rung schedule).
+SEARCH_TRAINING_KEYS = ("learning_rate", "batch_size", "image_size")
 
 
 def register_architecture(spec: ArchitectureSpec) -> ArchitectureSpec:
@@ -393,13 +402,32 @@ def _unknown(what: str, name: str, known: list[str]) -> UnknownArchitectureError
     return UnknownArchitectureError(f"unknown {what} {name!r}; known: {', '.join(known)}")
 
 
+def trial_name(base: str, number: int) -> str:
+    """The name of search trial `number` (1-based) of `base`: ``scratch_small__t03``."""
+    if not 1 <= number <= MAX_TRIALS:
+        raise ConfigError(f"trial number must be in [1, {MAX_TRIALS}], got {number}")
+    return f"{base}{TRIAL_SEPARATOR}{number:02d}"
+
+
+def trial_base(name: object) -> str | None:
+    """The base candidate of a trial name (``scratch_small__t03`` -> ``scratch_small``); None otherwise."""
+    base, sep, digits = str(name).rpartition(TRIAL_SEPARATOR)
+    if not sep or len(digits) != 2 or not digits.isascii() or not digits.isdigit() or digits == "00":
+        return None
+    return base
+
+
 def parse_candidate(name: str) -> tuple[str, str]:
     """Split a candidate name into (kind, variant-or-architecture).
 
     ``"transfer_mobilenet_v2"`` -> ``("transfer", "mobilenet_v2")``; ``"scratch_small"`` ->
-    ``("scratch", "small")``, ``"ensemble_top3"`` -> ``("ensemble", "top3")``. Raises
-    UnknownArchitectureError listing the known candidates (ConfigError for an ensemble's k out of range).
+    ``("scratch", "small")``, ``"ensemble_top3"`` -> ``("ensemble", "top3")``; a search trial
+    ``"scratch_small__t03"`` -> ``("scratch", "small")``. Raises UnknownArchitectureError listing
+    the known candidates (ConfigError for an ensemble's k out of range).
     """
+    base = trial_base(name)
+    if base is not None and base.startswith(("scratch_", "transfer_")) and trial_base(base) is None:
+        return parse_candidate(base)
     if is_ensemble(name):
         ensemble_size(name)
         return "ensemble", str(name).removeprefix("ensemble_")
@@ -409,6 +437,25 @@ def parse_candidate(name: str) -> tuple[str, str]:
     if sep and kind in ("transfer", "finetune") and rest in _ARCHITECTURES:
         return kind, rest
     raise _unknown("candidate", name, candidate_names(include_finetune=True))
+
+
+def searchable_keys(candidate: str) -> tuple[str, ...]:
+    """The settings a search may vary for the base `candidate` (a ``scratch_*``/``transfer_*`` name), sorted.
+
+    Scratch CNNs: their variant's model options (depth, width, dropout, ...) and the training keys;
+    transfer candidates: ``dropout``, ``head_units``, ``alpha`` (MobileNets only) and the training keys.
+
+    Raises:
+        UnknownArchitectureError: not a known candidate.
+        ConfigError: a kind that cannot be searched (fine-tuned, ensemble).
+    """
+    kind, name = parse_candidate(candidate)
+    if kind == "scratch":
+        return tuple(sorted({*_SCRATCH[name].options, *SEARCH_TRAINING_KEYS}))
+    if kind == "transfer":
+        model_keys = [k for k in TRANSFER_OPTION_KEYS if k != "alpha" or _ARCHITECTURES[name].has_alpha]
+        return tuple(sorted({*model_keys, *SEARCH_TRAINING_KEYS}))
+    raise ConfigError(f"{candidate} cannot be a search base: only scratch_* and transfer_* candidates can")
 
 
 def get_architecture(name: str) -> ArchitectureSpec:

@@ -154,6 +154,9 @@ DRIFT_FILE = "drift.json"
 GATE_FILE = "gate.json"
 CLAIM_FILE = "promotion.json"  # the version id a run's promote claimed, the same for every try
 REPORT_FILE = "report.json"
+# Hyperparameter search: search/rung-<r>/<trial>.json (a trial's result at rung r, written after its
+# candidate folder) and search/survivors-<r>.json (who goes on after rung r).
+SEARCH_DIR = "search"
 # A version folder: COMPLETE is written last and is what makes a version exist.
 MODEL_FILE = "model.keras"
 VERSION_FILE = "version.json"
@@ -223,6 +226,25 @@ def folder_prefix(root: str, segment: str) -> str:
 def run_key(model_name: str, run_id: str, *parts: str) -> str:
     """``<model>/runs/<run segment>/<part>/...``: a run-level object (each part a plain name)."""
     return "/".join([run_prefix(model_name, run_id), *(check_name(p, "key segment") for p in parts)])
+
+
+def search_rung_key(model_name: str, run_id: str, rung: int, trial: str) -> str:
+    """``<model>/runs/<run segment>/search/rung-<r>/<trial>.json``: a trial's published result of rung r."""
+    return run_key(model_name, run_id, *search_rung_parts(rung, trial))
+
+
+def search_rung_parts(rung: int, trial: str) -> tuple[str, str, str]:
+    """The run-relative parts of `search_rung_key` (also the worker's local layout)."""
+    if not isinstance(rung, int) or isinstance(rung, bool) or rung < 1:
+        raise UnsafeNameError(f"invalid search rung {_shown(rung)}: expected an integer >= 1")
+    return SEARCH_DIR, f"rung-{rung}", f"{check_candidate(trial)}.json"
+
+
+def search_survivors_parts(rung: int) -> tuple[str, str]:
+    """``search/survivors-<r>.json``: the trials that go on after rung r."""
+    if not isinstance(rung, int) or isinstance(rung, bool) or rung < 1:
+        raise UnsafeNameError(f"invalid search rung {_shown(rung)}: expected an integer >= 1")
+    return SEARCH_DIR, f"survivors-{rung}.json"
 
 
 def candidate_key(model_name: str, run_id: str, candidate: str, name: str) -> str:

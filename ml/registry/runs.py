@@ -96,6 +96,32 @@ def publish_candidate(store: ObjectStore | None, config: PipelineConfig, run_id:
     return small(summary)
 
 
+def unpublish_candidate(store: ObjectStore | None, config: PipelineConfig, run_id: str, candidate: str) -> None:
+    """Remove a candidate's marker before its folder is overwritten (a search trial's next rung), so no reader
+    takes the half-replaced folder for complete; `publish_candidate` writes the marker again last."""
+    if store is not None:
+        store.delete(layout.candidate_key(config.storage.model_name, run_id, candidate, layout.CANDIDATE_MARKER))
+
+
+def write_run_json(store: ObjectStore | None, config: PipelineConfig, run_id: str, parts: Iterable[str],
+                   obj: Any) -> None:
+    """A small run-level JSON object: this worker's copy and the store's (the one other workers read)."""
+    parts = tuple(parts)
+    write_json(local_run_dir(config, run_id).joinpath(*parts), obj)
+    if store is not None:
+        store.put_json(layout.run_key(config.storage.model_name, run_id, *parts), obj)
+
+
+def read_run_json(store: ObjectStore | None, config: PipelineConfig, run_id: str, parts: Iterable[str]) -> Any:
+    """What `write_run_json` wrote, from the store when there is one (any worker may have written it), or None."""
+    parts = tuple(parts)
+    if store is None:
+        local = local_run_dir(config, run_id).joinpath(*parts)
+        return read_json(local) if local.exists() else None
+    found = store.get_with_etag(layout.run_key(config.storage.model_name, run_id, *parts))
+    return json.loads(found[0]) if found else None
+
+
 def publish_evaluation(store: ObjectStore | None, config: PipelineConfig, run_id: str, candidate: str,
                        cand_dir: Path) -> None:
     """Upload what evaluation wrote beside a candidate, metrics.json last."""

@@ -24,6 +24,7 @@ variable saved here or a pure function of (seed, epoch).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -111,11 +112,23 @@ class Resumed:
 
 
 def fingerprint(settings: Any, dataset_hash: str, model: keras.Model) -> str:
-    """A digest of what makes a state reusable: the candidate's settings, the data, the model's variables."""
+    """A digest of what makes a state reusable: the candidate's settings, the data, the model's variables.
+
+    The epoch target is left out: a fit to more epochs continues a shorter one's state (a search trial's
+    next rung resumes its previous rung; `ml.training.search`), and every other setting must match.
+    """
     shapes = [list(v.shape) for v in model.variables]
-    text = json.dumps({"settings": repr(settings), "dataset": dataset_hash, "model": model.name, "shapes": shapes},
-                      sort_keys=True, default=str)
+    text = json.dumps({"settings": repr(_without_epoch_target(settings)), "dataset": dataset_hash,
+                       "model": model.name, "shapes": shapes}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _without_epoch_target(settings: Any) -> Any:
+    """`settings` (a `CandidateSettings`) with ``epochs`` and its ``epochs`` option blanked."""
+    if not (dataclasses.is_dataclass(settings) and hasattr(settings, "epochs")):
+        return settings
+    options = {k: v for k, v in dict(getattr(settings, "options", None) or {}).items() if k != "epochs"}
+    return dataclasses.replace(settings, epochs=0, options=options)
 
 
 def pack_state(groups: Mapping[str, Sequence[Any]], meta: Mapping[str, Any]) -> bytes:
@@ -164,6 +177,7 @@ def epoch_checkpoint(
             self.history: dict[str, list[float]] = {}
             self._pending: dict[str, Any] | None = None
             self.saves: list[dict[str, float]] = []  # seconds and bytes of every save, for the summary
+            self.resumed_epochs = 0  # completed epochs restored by `resume` (train_summary.json records it)
 
         def track(self, variables: Sequence[Any], fingerprint_value: str) -> None:
             self.data_state, self.fingerprint = list(variables), fingerprint_value
@@ -193,6 +207,7 @@ def epoch_checkpoint(
             self._pending = {**meta["callbacks"], "best_weights": groups["best"] or None}
             self.history = {k: list(v) for k, v in meta["history"].items()}
             done = int(meta["epochs_done"])
+            self.resumed_epochs = done
             source = self.target.store.uri(self.target.prefix + pointer["state"])
             log.info("resuming %s at epoch %d of %d (%d completed epochs restored) from %s",
                      self.candidate, done + 1, epochs, done, source)
@@ -212,7 +227,9 @@ def epoch_checkpoint(
             for name, value in (logs or {}).items():
                 self.history.setdefault(name, []).append(float(value))
             done = epoch + 1
-            if done % self.every and not self.model.stop_training:
+            # The fit's last epoch is always saved: a longer fit (a search trial's next rung) resumes from it.
+            last = done == (self.params or {}).get("epochs")
+            if done % self.every and not self.model.stop_training and not last:
                 return
             started = time.perf_counter()
             csv_logger.csv_file.flush()

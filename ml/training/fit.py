@@ -129,6 +129,10 @@ def train_candidate(
                 history, val = fit_model(model, data, settings, callbacks)
             # Feature extraction (on a cache miss) + the head's fit, or the fit through the backbone.
             extra["frozen_phase_s"] = round(time.monotonic() - frozen_started, 2)
+        from ml.training.checkpoints import find_checkpoint
+
+        # Epochs restored from a checkpoint rather than trained here (a retry, a search trial's next rung).
+        extra["resumed_epochs"] = getattr(find_checkpoint(callbacks), "resumed_epochs", 0)
         return finish_candidate(
             model, staging, out_dir, settings, data=data, history=history, val=val, started=started,
             hardware=hardware, extra=extra,

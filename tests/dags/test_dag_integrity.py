@@ -33,6 +33,15 @@ def test_pipeline_shape(dagbag):
     assert "release.evaluate" in upstream["release.gate"]
     assert "release.gate" in upstream["release.promote"]
     assert upstream["release.announce"] == {"release.promote", "release.promoted"}
+    # The search: rung_1 over the planned trials, then survivors_<r> -> rung_<r+1>, three rungs at most; evaluate
+    # waits for every rung (skipped ones included: none_failed_min_one_success).
+    assert "data.should_train" in upstream["search.plan"]
+    assert "search.plan" in upstream["search.rung_1"]
+    for rung in (1, 2):
+        assert upstream[f"search.survivors_{rung}"] == {f"search.rung_{rung}"}
+        assert f"search.survivors_{rung}" in upstream[f"search.rung_{rung + 1}"]
+    assert {"search.rung_1", "search.rung_2", "search.rung_3"} <= upstream["release.evaluate"]
+    assert "search.rung_4" not in upstream
 
 
 def test_operational_policy(dagbag):
@@ -48,7 +57,7 @@ def test_operational_policy(dagbag):
         assert {"ml.errors.DataError", "ml.errors.StorageAuthError"} <= failing_at_once, tid
     for tid, task in tasks.items():
         assert task.execution_timeout is not None and task.execution_timeout <= timedelta(hours=6), tid
-    for tid in ("training.train", "training.finetune"):
+    for tid in ("training.train", "training.finetune", "search.rung_1", "search.rung_2", "search.rung_3"):
         assert tasks[tid].pool == "training"
         assert tasks[tid].queue == "training"
         assert tasks[tid].map_index_template, tid

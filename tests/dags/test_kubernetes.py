@@ -92,10 +92,10 @@ def test_training_tasks_name_the_kubernetes_executor_when_the_deployment_says_so
     assert done.returncode == 0, done.stderr[-3000:]
     tasks = json.loads(done.stdout.strip().splitlines()[-1])
 
-    for tid in ("training.train", "training.finetune"):
+    training = ("training.train", "training.finetune", "search.rung_1", "search.rung_2", "search.rung_3")
+    for tid in training:
         assert tasks[tid] == ["KubernetesExecutor", {"pod_template_file": str(TEMPLATE)}], tid
-    assert all(executor is None for tid, (executor, _) in tasks.items() if tid not in ("training.train",
-                                                                                       "training.finetune"))
+    assert all(executor is None for tid, (executor, _) in tasks.items() if tid not in training)
 
 
 def test_helm_values_run_two_executors_with_no_shared_disk_and_secrets_only_from_secrets():

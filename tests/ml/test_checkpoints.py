@@ -234,3 +234,36 @@ def test_callback_counters_and_learning_rate_survive_a_resume(tmp_path: Path, st
     checkpoint.on_epoch_end(5, dict(logs))
     model3, (*_, checkpoint3) = fresh()
     assert checkpoint3.resume(model3, 10).finished
+
+
+@pytest.mark.parametrize("every", [1, 3])  # 3: the shorter fit's last epoch (2) is saved anyway
+def test_a_search_trials_next_rung_resumes_where_its_previous_rung_ended(
+    every: int, tiny_dataset: Path, tmp_path: Path, store: Any, caplog: pytest.LogCaptureFixture,
+) -> None:
+    from ml.training.checkpoints import CheckpointStore
+    from ml.training.fit import train_candidate
+    from ml.training.search import Trial, trial_train_config
+
+    trial = Trial("scratch_tiny__t01", "scratch_tiny", {"learning_rate": 0.002})
+    base = _config("scratch_tiny", checkpoint_every_epochs=every)
+    straight_ckpt = CheckpointStore.for_candidate(store, "m", "run-straight", trial.name)
+    straight = train_candidate(tiny_dataset, trial.name, tmp_path / "straight", trial_train_config(base, trial, 4),
+                               cache_root=tmp_path / "cache-a", checkpoints=straight_ckpt)
+    ckpt = CheckpointStore.for_candidate(store, "m", "run-rungs", trial.name)
+    rung_1 = train_candidate(tiny_dataset, trial.name, tmp_path / "rung-1", trial_train_config(base, trial, 2),
+                             cache_root=tmp_path / "cache-b", checkpoints=ckpt)
+    assert rung_1["epochs_run"] == 2 and store.get_json(ckpt.prefix + "latest.json")["epochs_done"] == 2
+
+    # Rung 2 on another worker: fresh folders and caches, only the store in common.
+    with caplog.at_level(logging.INFO, logger="ml.training.checkpoints"):
+        rung_2 = train_candidate(tiny_dataset, trial.name, tmp_path / "rung-2", trial_train_config(base, trial, 4),
+                                 cache_root=tmp_path / "cache-c", checkpoints=ckpt)
+
+    assert f"resuming {trial.name} at epoch 3 of 4 (2 completed epochs restored)" in caplog.text
+    assert "made with other settings" not in caplog.text
+    assert rung_2["epochs_run"] == 4 and rung_2["resumed_epochs"] == 2 and rung_1["resumed_epochs"] == 0
+    history = (tmp_path / "rung-2" / "history.csv").read_text()
+    assert [int(line.split(",")[0]) for line in history.splitlines()[1:]] == [0, 1, 2, 3]
+    # Resuming is continuing: 2 + 2 epochs are the 4 epochs of one uninterrupted fit.
+    assert history == (tmp_path / "straight" / "history.csv").read_text()
+    assert rung_2["val_loss"] == straight["val_loss"]

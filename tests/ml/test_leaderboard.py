@@ -180,3 +180,23 @@ def test_fine_tuned_row_shows_its_parent_and_both_stay_eligible() -> None:
     assert best_candidate(rows)["candidate"] == "transfer_mobilenet"  # the parent can win the gate
     table = format_leaderboard_table(rows)
     assert "vs parent" in table.splitlines()[0] and "-0.4" in table
+
+
+def test_search_trials_show_their_settings_and_eliminated_ones_never_reach_the_gate() -> None:
+    from ml.evaluation.leaderboard import STATUS_ELIMINATED, leaderboard_html_table, mark_eliminated
+
+    def trial(name: str, accuracy: float, rung: int) -> dict:
+        return _entry(name, accuracy, 1.0, search={"trial": name, "base": "scratch_small", "rung": rung, "rungs": 2,
+                                                    "params": {"learning_rate": 0.003, "dropout": 0.2}})
+
+    rows = mark_eliminated(build_leaderboard([trial("scratch_small__t01", 0.9, 1), trial("scratch_small__t02", 0.7, 2),
+                                              _entry("scratch_tiny", 0.5, 1.2)]))
+
+    assert [(r["candidate"], r["rank"], r["status"]) for r in rows] == [
+        ("scratch_small__t01", 1, STATUS_ELIMINATED), ("scratch_small__t02", 2, "ok"), ("scratch_tiny", 3, "ok")]
+    assert best_candidate(rows)["candidate"] == "scratch_small__t02"
+    table = format_leaderboard_table(rows)
+    assert "rung 1/2: dropout=0.2 learning_rate=0.003" in table and "rung 2/2:" in table
+    assert "stopped after rung 1 of 2" in leaderboard_html_table(rows)
+    # Without trials there is no search column.
+    assert "search" not in format_leaderboard_table(build_leaderboard([_entry("scratch_tiny", 0.5, 1.2)]))
