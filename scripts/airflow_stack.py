@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 REPO = Path(__file__).resolve().parent.parent
 DAG_ID = "image_classifier_retraining"
 TRAINING_POOL_DESCRIPTION = "Concurrent model trainings (size to cores/GPUs)"
+TRIGGER_ATTEMPTS = 5
 BUCKET = "ml-models"
 FINAL_RUN_STATES = ("success", "failed")
 
@@ -298,8 +299,19 @@ class AirflowStack:
         """
         self.api("PATCH", f"/api/v2/dags/{dag_id}", {"is_paused": False})
         now = datetime.now(UTC).isoformat()  # to the microsecond: logical dates are unique per DAG
-        self.api("POST", f"/api/v2/dags/{dag_id}/dagRuns", {"dag_run_id": run_id, "logical_date": now,
-                                                             "conf": dict(conf)})
+        body = {"dag_run_id": run_id, "logical_date": now, "conf": dict(conf)}
+        # SQLite under load: the api-server answers 500 "Database error" when the scheduler holds the write
+        # lock (seen on the audit-log insert); the request is rolled back, so it is safe to send again.
+        for attempt in range(1, TRIGGER_ATTEMPTS + 1):
+            try:
+                self.api("POST", f"/api/v2/dags/{dag_id}/dagRuns", body)
+                return run_id
+            except StackError as exc:
+                if attempt > 1 and "HTTP 409" in str(exc):
+                    return run_id  # an earlier attempt did create it after all
+                if "HTTP 500" not in str(exc) or attempt == TRIGGER_ATTEMPTS:
+                    raise
+                time.sleep(2 * attempt)
         return run_id
 
     def set_pool(self, name: str, slots: int, description: str) -> None:
