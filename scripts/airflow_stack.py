@@ -292,14 +292,16 @@ class AirflowStack:
                 raise StackError(f"airflow standalone stopped; see {self.log_file}")
             time.sleep(2)
 
-    def trigger(self, conf: Mapping[str, Any], run_id: str, dag_id: str = DAG_ID) -> str:
-        """A manual run with logical date now, as the UI's trigger form makes it (the deadline alert counts from it).
+    def trigger(self, conf: Mapping[str, Any], run_id: str, dag_id: str = DAG_ID, *,
+                logical_date: datetime | None = None) -> str:
+        """A manual run with logical date now (or `logical_date`), as the UI's trigger form makes it (the deadline
+        alert counts from it).
 
         Through the REST API: an `airflow dags trigger` process costs 10-30 s of imports on a busy 2-core machine.
         """
         self.api("PATCH", f"/api/v2/dags/{dag_id}", {"is_paused": False})
-        now = datetime.now(UTC).isoformat()  # to the microsecond: logical dates are unique per DAG
-        body = {"dag_run_id": run_id, "logical_date": now, "conf": dict(conf)}
+        when = (logical_date or datetime.now(UTC)).isoformat()  # to the microsecond: logical dates are unique per DAG
+        body = {"dag_run_id": run_id, "logical_date": when, "conf": dict(conf)}
         # SQLite under load: the api-server answers 500 "Database error" when the scheduler holds the write
         # lock (seen on the audit-log insert); the request is rolled back, so it is safe to send again.
         for attempt in range(1, TRIGGER_ATTEMPTS + 1):
