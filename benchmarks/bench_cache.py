@@ -4,8 +4,8 @@ Both read the same files, already in the page cache (one untimed read first), an
 to the same size with the same interpolation. The bare loop is what a notebook does: one
 thread, decode, resize, keep the pixels in a preallocated uint8 array. The cache adds
 threads (OpenCV's own pool off meanwhile), the DCT-reduced JPEG decode of
-`ml.data.images.decode_resize`, the RGB conversion, a memmap write, per-chunk checksums and an
-index; the ratio says what all of that costs or gains in images per second. The same comparison
+`ml.data.images.decode_resize`, the RGB conversion, block writes to the file, per-chunk checksums
+and an index; the ratio says what all of that costs or gains in images per second. The same comparison
 runs on animals3's real photos (varied sizes, so reduced by 2, 4 or not at all), as a note.
 """
 

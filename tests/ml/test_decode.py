@@ -111,6 +111,23 @@ def test_a_header_promising_more_pixels_than_decoded_falls_back_to_a_full_decode
     np.testing.assert_array_equal(decode_resize(data, 40), _full_then_area(data, 40))
 
 
+def test_decoding_into_a_given_array_writes_the_same_pixels_there() -> None:
+    data = _jpeg(300, 240)
+    expected = decode_resize(data, 96)
+    block = np.zeros((3, 96, 96, 3), dtype=np.uint8)
+    strided = np.zeros((96, 96, 3, 2), dtype=np.uint8)[..., 0]  # not contiguous: OpenCV cannot write there
+
+    returned = decode_resize(data, 96, out=block[1])
+    decode_resize(data, 96, out=strided)
+
+    np.testing.assert_array_equal(block[1], expected)
+    assert returned.base is block or returned is block[1] or np.shares_memory(returned, block)
+    assert not block[0].any() and not block[2].any()
+    np.testing.assert_array_equal(strided, expected)
+    with pytest.raises(ValueError, match=r"out must be a \(96, 96, 3\) uint8 array"):
+        decode_resize(data, 96, out=np.zeros((64, 64, 3), dtype=np.uint8))
+
+
 def test_undecodable_bytes_name_the_source() -> None:
     with pytest.raises(DataError, match=r"^upload\.jpg: not a decodable image"):
         decode_resize(b"\xff\xd8 not really a jpeg", 32, source="upload.jpg")

@@ -101,6 +101,20 @@ def test_parallel_decode_equals_serial(
     np.testing.assert_array_equal(np.array(parallel.images), np.array(serial.images))
 
 
+def test_short_writes_are_completed(fresh_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    import ml.data.image_cache as image_cache
+
+    expected = np.array(build_image_cache(fresh_dataset, SIZE, tmp_path / "a", workers=1).images)
+    real_pwrite = os.pwrite
+    monkeypatch.setattr(image_cache.os, "pwrite", lambda fd, data, offset: real_pwrite(fd, data[:1000], offset))
+
+    partial = build_image_cache(fresh_dataset, SIZE, tmp_path / "b", workers=1)
+
+    np.testing.assert_array_equal(np.array(partial.images), expected)
+
+
 def test_concurrent_builders_agree(tiny_dataset: Path, tmp_path: Path) -> None:
     results: list[ImageCache] = []
     errors: list[BaseException] = []
