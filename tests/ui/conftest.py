@@ -44,6 +44,9 @@ RUN_ID = "manual__r1"
 PRIVATE_MARKERS = (VERSION, RUN_ID, "0.8173", "scratch_small")
 # A label as a hostile dataset could carry it; stored pages contain it unescaped on purpose.
 HOSTILE_LABEL = "<script>document.title='pwned';document.body.setAttribute('data-pwned','1')</script>"
+# A human approval as the HITL step records it: approver name and comment are typed by people.
+HOSTILE_APPROVAL = {"outcome": "approved", "by": f"mallory{HOSTILE_LABEL}", "at": "2026-12-03T08:00:00+00:00",
+                    "comment": "ship it <img src=x onerror=\"document.body.setAttribute('data-pwned','2')\">"}
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
 
@@ -190,8 +193,9 @@ def publish_registry(store: Any) -> None:
                                                        "metrics": {"accuracy": 0.8173, "log_loss": 0.5}})
     swap_pointer(store, MODEL, make_pointer(store, MODEL, VERSION, candidate="scratch_small"), expected_etag=None)
     append_promotion_log(store, MODEL, {"action": "promote", "version": VERSION, "from": None, "to": VERSION,
-                                        "run_id": RUN_ID, "reasons": ["first model: accuracy 0.817 > chance"]})
-    report = {"run_id": RUN_ID, "decision": {"promoted": True, "version": VERSION,
+                                        "run_id": RUN_ID, "reasons": ["first model: accuracy 0.817 > chance"],
+                                        "approval": HOSTILE_APPROVAL})
+    report = {"run_id": RUN_ID, "decision": {"promoted": True, "version": VERSION, "approval": HOSTILE_APPROVAL,
                                              "reasons": ["first model: accuracy 0.817 > chance"]},
               "leaderboard": [{"rank": 1, "candidate": "scratch_small", "accuracy": 0.8173},
                               {"rank": 2, "candidate": "transfer_mobilenet_v2", "accuracy": 0.5}]}

@@ -9,7 +9,7 @@ from urllib.parse import quote, unquote, urlparse
 import pytest
 
 from tests.airflow_env import REPO
-from tests.ui.conftest import PRIVATE_MARKERS, RUN_ID, VERSION
+from tests.ui.conftest import HOSTILE_APPROVAL, PRIVATE_MARKERS, RUN_ID, VERSION
 
 pytestmark = pytest.mark.ui
 
@@ -88,6 +88,9 @@ def test_registry_opens_inside_the_airflow_ui_after_login(admin, ui_server):
     assert shown["href"] == ui_server.url + "/model-registry/"
     assert VERSION in shown["text"] and "0.817" in shown["text"]
     assert "first model: accuracy 0.817 > chance" in shown["text"]
+    # The approval's approver and comment (typed by people) show as text; neither runs.
+    assert f"approved by {HOSTILE_APPROVAL['by']}" in shown["text"] and "ship it <img src=x" in shown["text"]
+    assert shown["pwned"] is None and shown["title"] != "pwned"
 
 
 def test_run_page_report_and_plots_show_and_stored_scripts_do_not_run(admin, ui_server):
@@ -95,6 +98,8 @@ def test_run_page_report_and_plots_show_and_stored_scripts_do_not_run(admin, ui_
     click(admin, RUN_ID)
     run_page = wait_document(admin, f"/model-registry/runs/{RUN_ID}")
     assert "transfer_mobilenet_v2" in run_page["text"]
+    assert f"human approval: approved by {HOSTILE_APPROVAL['by']}" in run_page["text"]
+    assert run_page["pwned"] is None and run_page["title"] != "pwned"
 
     click(admin, "full run report")
     report = wait_document(admin, f"/artifact/runs/{RUN_ID}/report.html")
