@@ -208,3 +208,28 @@ def test_gathered_pages_do_not_stay_resident_in_the_process(tiny_dataset: Path, 
 
     grown = _resident_file_mib() - before
     assert grown < 0.25 * file_mib, f"{grown:.1f} MiB of the {file_mib:.1f} MiB cache stayed resident"
+
+
+def _resident_kib_of(path: Path) -> int:
+    """RSS of this process's mappings of `path` (from /proc/self/smaps), KiB."""
+    total, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        fields = line.split()
+        if "-" in fields[0] and len(fields) >= 5:  # a mapping's header line
+            inside = line.endswith(str(path))
+        elif inside and fields[0] == "Rss:":
+            total += int(fields[1])
+    return total
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").is_file(), reason="needs Linux /proc to read a mapping's RSS")
+def test_rows_gathered_in_random_order_leave_no_neighbouring_pages_mapped(tiny_dataset: Path, tmp_path: Path) -> None:
+    # Small rows (75 KiB) read one at a time out of order, as a shuffled epoch does: a fault maps the
+    # neighbouring cached pages too, which releasing only the rows themselves left behind.
+    cache = build_image_cache(tiny_dataset, 160, tmp_path, workers=1)
+    images = cache.folder / "images.u8"
+    images.read_bytes()  # the whole file in the page cache, as after the cache build
+    for row in [*range(0, len(cache), 3), *range(1, len(cache), 3), *range(2, len(cache), 3)]:
+        cache.gather([row])
+    resident = _resident_kib_of(images)
+    assert resident == 0, f"{resident} KiB of the {images.stat().st_size // 1024} KiB cache file still mapped"
