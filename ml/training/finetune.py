@@ -96,6 +96,7 @@ def finetune_candidate(
     from ml.training.data import TrainData
     from ml.training.fit import compile_model, finish_candidate, fit_model, seed_everything
     from ml.training.hardware import configure_hardware
+    from ml.training.resources import limit_heap_retention
     from ml.training.settings import CandidateSettings
 
     started = time.monotonic()
@@ -113,6 +114,7 @@ def finetune_candidate(
     settings = CandidateSettings.for_finetune(config, parent, parent_summary.get("image_size"), source=transfer_dir)
     spec = settings.spec
     seed_everything(settings.seed)
+    limit_heap_retention()
     hardware = configure_hardware()
     cache = build_image_cache(dataset_dir, settings.image_size, cache_root)
     parent_labels = json.loads((transfer_dir / "labels.json").read_text(encoding="utf-8"))

@@ -35,7 +35,7 @@ from ml.errors import ModelVerificationError
 from ml.io import staging_dir, to_jsonable, write_json
 from ml.training.callbacks import HISTORY_FILE, make_callbacks
 from ml.training.data import TrainData
-from ml.training.resources import peak_rss_mb
+from ml.training.resources import limit_heap_retention, peak_rss_mb
 from ml.training.settings import CandidateSettings
 
 if TYPE_CHECKING:
@@ -84,6 +84,7 @@ def train_candidate(
     started = time.monotonic()
     settings = CandidateSettings.for_candidate(config, candidate)  # every check before any work
     seed_everything(settings.seed)
+    limit_heap_retention()
     hardware = configure_hardware()
     cache = build_image_cache(dataset_dir, settings.image_size, cache_root)
     data = TrainData.from_cache(cache, settings.class_weight_threshold)
