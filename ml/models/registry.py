@@ -335,6 +335,27 @@ def architecture_names() -> list[str]:
     return sorted(_ARCHITECTURES)
 
 
+# Input sizes Keras publishes ImageNet files for (MobileNet v1 / v2); other builds have one file.
+_IMAGENET_FILE_SIZES = (96, 128, 160, 192, 224)
+
+
+def imagenet_builds_for_file(file_name: str) -> list[tuple[str, float | None, int]]:
+    """The builds (architecture, alpha, image size) whose Keras ImageNet file is named `file_name`.
+
+    Empty for a file of any other name (a fine-tuned export, a renamed copy). Lets an error about a
+    weights file that does not fit say which candidate settings it was made for.
+    """
+    builds = []
+    for name in architecture_names():
+        spec = _ARCHITECTURES[name]
+        for alpha in spec.alphas or (None,):
+            for size in (spec.default_size, *_IMAGENET_FILE_SIZES):
+                if size >= spec.min_size and spec.weights_file_name(size, alpha) == file_name:
+                    builds.append((name, alpha, size))
+                    break
+    return builds
+
+
 def scratch_variant_names() -> list[str]:
     """Registered from-scratch variants, sorted."""
     return sorted(_SCRATCH)

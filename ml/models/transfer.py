@@ -27,6 +27,7 @@ from ml.models.registry import (
     TRANSFER_OPTION_KEYS,
     ArchitectureSpec,
     get_architecture,
+    imagenet_builds_for_file,
 )
 
 if TYPE_CHECKING:
@@ -71,6 +72,18 @@ def transfer_options(
     )
 
 
+def _made_for_hint(file_name: str) -> str:
+    """'' or, for a Keras ImageNet file name, which candidate settings the file was made for."""
+    hints = []
+    for arch, alpha, size in imagenet_builds_for_file(file_name):
+        options = ({"alpha": alpha} if alpha is not None else {}) | {"image_size": size}
+        inline = ", ".join(f"{key}: {value}" for key, value in options.items())
+        built = f"{arch}" + (f" alpha {alpha}" if alpha is not None else "")
+        hints.append(f"{file_name} is Keras' ImageNet file for {built} at {size} px: train candidate "
+                     f"transfer_{arch} with train.candidate_options {{transfer_{arch}: {{{inline}}}}}")
+    return "".join(f". {hint}" for hint in hints)
+
+
 def build_backbone(
     arch: str | ArchitectureSpec, image_size: int, *, alpha: float | None = None, weights: str | None = None
 ) -> keras.Model:
@@ -96,6 +109,7 @@ def build_backbone(
         except (ValueError, OSError) as exc:
             raise ConfigError(
                 f"weights file {path} does not fit {spec.name} at {image_size}px (alpha={alpha}): {exc}"
+                + _made_for_hint(path.name)
             ) from exc
         log.info("loaded backbone weights for %s from %s", spec.name, path)
     backbone.trainable = False

@@ -329,3 +329,37 @@ def test_weights_from_a_real_object_store(store: Any, tmp_path: Path) -> None:
     assert Path(resolved).is_relative_to(tmp_path / "cache")
     for a, b in zip(source.get_weights(), target.get_weights(), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize(
+    ("file_name", "expected"),
+    [
+        ("mobilenet_2_5_224_tf_no_top.h5", [("mobilenet", 0.25, 224)]),
+        ("mobilenet_1_0_128_tf_no_top.h5", [("mobilenet", 1.0, 128)]),
+        ("mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.35_96_no_top.h5", [("mobilenet_v2", 0.35, 96)]),
+        ("efficientnetv2-b0_notop.h5", [("efficientnet_v2_b0", None, 224)]),
+        ("backbone.weights.h5", []),
+    ],
+)
+def test_imagenet_builds_for_file_names_the_build_a_keras_file_was_made_for(
+    file_name: str, expected: list[tuple[str, float | None, int]]
+) -> None:
+    assert registry.imagenet_builds_for_file(file_name) == expected
+    for arch, alpha, size in expected:
+        assert get_architecture(arch).weights_file_name(size, alpha) == file_name
+
+
+def test_a_keras_file_that_does_not_fit_says_which_candidate_settings_it_was_made_for(tmp_path: Path) -> None:
+    from ml.models.transfer import build_backbone
+
+    path = tmp_path / "mobilenet_2_5_224_tf_no_top.h5"  # the name Keras gives MobileNet v1 alpha 0.25's file
+    build_backbone("mobilenet", 32, alpha=0.25).save(path)  # legacy HDF5, as Keras publishes them
+    build_backbone("mobilenet", 32, alpha=0.25, weights=str(path))  # fits the build it was made for
+
+    with pytest.raises(ConfigError) as info:
+        build_backbone("mobilenet_v2", 96, weights=str(path))
+    message = str(info.value)
+    assert "does not fit mobilenet_v2 at 96px" in message
+    assert "Keras' ImageNet file for mobilenet alpha 0.25 at 224 px" in message
+    options = "{transfer_mobilenet: {alpha: 0.25, image_size: 224}}"
+    assert f"train candidate transfer_mobilenet with train.candidate_options {options}" in message
