@@ -31,7 +31,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -346,19 +346,32 @@ def _chunk_digests(path: Path, chunk_bytes: int) -> list[str]:
     return digests
 
 
-def _written_digests(path: Path, chunk_bytes: int, workers: int) -> list[str]:
-    """`_chunk_digests` of the file this build has just written (nobody else has it yet), hashed
-    from a read-only mapping of its page-cache pages (no copy) on `workers` threads."""
-    with path.open("rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mapping:
-        view = memoryview(mapping)
-        chunks = [view[start : start + chunk_bytes] for start in range(0, len(view), chunk_bytes)]
-        try:
-            with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-                return list(pool.map(lambda chunk: hashlib.sha256(chunk).hexdigest(), chunks))
-        finally:
-            for chunk in chunks:
-                chunk.release()
-            view.release()
+class _WrittenChunkDigests:
+    """`_chunk_digests` of the file this build is writing (nobody else has it yet), hashed while the
+    decoding threads fill it: each chunk is hashed, from a read-only mapping of its page-cache
+    pages (no copy), by the thread that waits for the decoders, as soon as its last row is written.
+    Only the last chunk is left for after the decoding."""
+
+    def __init__(self, fd: int, nbytes: int, chunk_bytes: int) -> None:
+        os.ftruncate(fd, nbytes)  # the mapping needs the full length even where fallocate is missing
+        self._mapping = mmap.mmap(fd, nbytes, access=mmap.ACCESS_READ)
+        self._view = memoryview(self._mapping)
+        self._nbytes, self._chunk_bytes = nbytes, chunk_bytes
+        self.digests: list[str] = []
+
+    def written_up_to(self, nbytes: int) -> None:
+        """Hash every chunk that lies wholly inside the first `nbytes` bytes and is not hashed yet."""
+        while True:
+            start = len(self.digests) * self._chunk_bytes
+            stop = min(start + self._chunk_bytes, self._nbytes)
+            if start >= self._nbytes or stop > nbytes:
+                return
+            with self._view[start:stop] as chunk:
+                self.digests.append(hashlib.sha256(chunk).hexdigest())
+
+    def close(self) -> None:
+        self._view.release()
+        self._mapping.close()
 
 
 def _default_workers() -> int:
@@ -371,7 +384,9 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
         data, offset = data[written:], offset + written
 
 
-def _decode_into(fd: int, paths: Sequence[str], size: int, workers: int) -> None:
+def _decode_into(
+    fd: int, paths: Sequence[str], size: int, workers: int, rows_written: Callable[[int], None] | None = None
+) -> None:
     """Decode and resize every image (`ml.data.images.load_resized`) into rows of the open file `fd`.
 
     Each task decodes a block of `DECODE_BLOCK` rows into its own buffer and writes it with one
@@ -380,27 +395,31 @@ def _decode_into(fd: int, paths: Sequence[str], size: int, workers: int) -> None
     threads use every core without pickling pixels, and unlike a process pool they neither fork a
     TensorFlow process (deadlock-prone) nor need the caller's script to have an
     ``if __name__ == "__main__"`` guard (spawn re-imports it). OpenCV's own pool is off meanwhile
-    so it does not compete for the cores.
+    so it does not compete for the cores. `rows_written(k)` is called, in this thread, each time
+    the first k rows are all written.
     """
     from ml.data.images import load_resized
 
     n, row_bytes = len(paths), size * size * 3
+    report = rows_written or (lambda rows: None)
 
-    def decode_block(start: int) -> None:
+    def decode_block(start: int) -> int:
         stop = min(start + DECODE_BLOCK, n)
         block = np.empty((stop - start, size, size, 3), dtype=np.uint8)
         for i in range(start, stop):
             load_resized(paths[i], size, out=block[i - start])
         _pwrite_all(fd, memoryview(block).cast("B"), start * row_bytes)
+        return stop
 
     starts = range(0, n, DECODE_BLOCK)
     if workers <= 1 or n < PARALLEL_MIN_IMAGES:
         for start in starts:
-            decode_block(start)
+            report(decode_block(start))
         return
     with opencv_threads(1), ThreadPoolExecutor(max_workers=workers) as pool:
-        for _ in pool.map(decode_block, starts):
-            pass  # re-raises a block's error (a DataError naming the file)
+        # In order: re-raises a block's error (a DataError naming the file) and reports each prefix.
+        for stop in pool.map(decode_block, starts):
+            report(stop)
 
 
 def _build(
@@ -422,14 +441,18 @@ def _build(
         images_path.touch()
         if n:
             _reserve_space(images_path, n * size * size * 3, folder)
-            fd = os.open(images_path, os.O_WRONLY)
+            fd = os.open(images_path, os.O_RDWR)
             try:
-                _decode_into(fd, jobs, size, workers)
+                hasher = _WrittenChunkDigests(fd, n * size * size * 3, chunk_bytes)
+                try:
+                    _decode_into(fd, jobs, size, workers, lambda rows: hasher.written_up_to(rows * size * size * 3))
+                    digests = hasher.digests
+                finally:
+                    hasher.close()
             finally:
                 os.close(fd)
             # No fsync: other readers see the page cache at once, and a cache the kernel had not yet
             # written back before a crash fails its checksums on the next open and is rebuilt.
-            digests = _written_digests(images_path, chunk_bytes, workers)
         else:
             digests = []
         index = pd.DataFrame(

@@ -101,6 +101,25 @@ def test_parallel_decode_equals_serial(
     np.testing.assert_array_equal(np.array(parallel.images), np.array(serial.images))
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_chunks_hashed_during_decoding_match_the_written_file(
+    fresh_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, workers: int
+) -> None:
+    import ml.data.image_cache as image_cache
+
+    row_bytes = SIZE * SIZE * 3
+    monkeypatch.setattr(image_cache, "PARALLEL_MIN_IMAGES", 1)
+    monkeypatch.setattr(image_cache, "DECODE_BLOCK", 5)
+    monkeypatch.setattr(image_cache, "CHUNK_BYTES", 7 * row_bytes)  # chunks that straddle blocks
+    cache = build_image_cache(fresh_dataset, SIZE, tmp_path / "cache", workers=workers)
+
+    meta = json.loads((cache.folder / image_cache.META_FILE).read_text())
+    expected = image_cache._chunk_digests(cache.folder / image_cache.IMAGES_FILE, 7 * row_bytes)
+    assert len(expected) == -(-len(cache) // 7) > 3
+    assert meta["chunk_sha256"] == expected
+    ImageCache.load(cache.folder)  # verifies every chunk
+
+
 def test_short_writes_are_completed(fresh_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import os
 
