@@ -193,12 +193,11 @@ def _child(args: argparse.Namespace) -> dict[str, Any]:
     from ml.training.fit import train_candidate
     from ml.training.predict import predict_split
 
-    # Transfer at full length keeps the default epochs (a head on the bank stops early anyway).
-    scratch_epochs, transfer_epochs = (2, 3) if args.quick else (15, None)
-    options = {
-        "scratch_small": {"image_size": SCRATCH_SIZE, "epochs": scratch_epochs},
-        # Defaults otherwise: augmentation on, so the frozen phase runs on the augmented bank.
-        "transfer_mobilenet": {"alpha": ALPHA, **({"epochs": transfer_epochs} if transfer_epochs else {})},
+    options: dict[str, dict[str, Any]] = {
+        "scratch_small": {"image_size": SCRATCH_SIZE, "epochs": 2 if args.quick else 15},
+        # Defaults otherwise: augmentation on, so the frozen phase runs on the augmented bank, and
+        # the default epochs (a head on the bank stops early anyway).
+        "transfer_mobilenet": {"alpha": ALPHA, **({"epochs": 3} if args.quick else {})},
     }
     config = TrainConfig(
         candidates=(args.candidate,),
@@ -244,7 +243,7 @@ def _frozen_phase(summary: dict[str, Any]) -> str:
     bottleneck = summary.get("bottleneck")
     if not bottleneck:
         return "through the backbone"
-    if bottleneck.get("bank_views"):
+    if bottleneck["source"] == "bank":
         return f"augmented bank, {bottleneck['bank_views']} views"
     return "cached features, no augmentation"
 

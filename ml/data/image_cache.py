@@ -384,9 +384,7 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
         data, offset = data[written:], offset + written
 
 
-def _decode_into(
-    fd: int, paths: Sequence[str], size: int, workers: int, rows_written: Callable[[int], None] | None = None
-) -> None:
+def _decode_into(fd: int, paths: Sequence[str], size: int, workers: int, rows_written: Callable[[int], None]) -> None:
     """Decode and resize every image (`ml.data.images.load_resized`) into rows of the open file `fd`.
 
     Each task decodes a block of `DECODE_BLOCK` rows into its own buffer and writes it with one
@@ -401,7 +399,6 @@ def _decode_into(
     from ml.data.images import load_resized
 
     n, row_bytes = len(paths), size * size * 3
-    report = rows_written or (lambda rows: None)
 
     def decode_block(start: int) -> int:
         stop = min(start + DECODE_BLOCK, n)
@@ -414,12 +411,12 @@ def _decode_into(
     starts = range(0, n, DECODE_BLOCK)
     if workers <= 1 or n < PARALLEL_MIN_IMAGES:
         for start in starts:
-            report(decode_block(start))
+            rows_written(decode_block(start))
         return
     with opencv_threads(1), ThreadPoolExecutor(max_workers=workers) as pool:
         # In order: re-raises a block's error (a DataError naming the file) and reports each prefix.
         for stop in pool.map(decode_block, starts):
-            report(stop)
+            rows_written(stop)
 
 
 def _build(
@@ -436,16 +433,17 @@ def _build(
     try:
         images_path = tmp / IMAGES_FILE
         jobs = [os.path.join(dataset_dir, p) for p in ok["path"]]
-        chunk_bytes = _chunk_rows(size * size * 3) * size * size * 3
+        row_bytes = size * size * 3
+        chunk_bytes = _chunk_rows(row_bytes) * row_bytes
         workers = workers if workers is not None else _default_workers()
         images_path.touch()
         if n:
-            _reserve_space(images_path, n * size * size * 3, folder)
+            _reserve_space(images_path, n * row_bytes, folder)
             fd = os.open(images_path, os.O_RDWR)
             try:
-                hasher = _WrittenChunkDigests(fd, n * size * size * 3, chunk_bytes)
+                hasher = _WrittenChunkDigests(fd, n * row_bytes, chunk_bytes)
                 try:
-                    _decode_into(fd, jobs, size, workers, lambda rows: hasher.written_up_to(rows * size * size * 3))
+                    _decode_into(fd, jobs, size, workers, lambda rows: hasher.written_up_to(rows * row_bytes))
                     digests = hasher.digests
                 finally:
                     hasher.close()

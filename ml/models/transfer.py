@@ -76,12 +76,11 @@ def _made_for_hint(file_name: str) -> str:
     """'' or, for a Keras ImageNet file name, which candidate settings the file was made for."""
     hints = []
     for arch, alpha, size in imagenet_builds_for_file(file_name):
-        options = ({"alpha": alpha} if alpha is not None else {}) | {"image_size": size}
-        inline = ", ".join(f"{key}: {value}" for key, value in options.items())
-        built = f"{arch}" + (f" alpha {alpha}" if alpha is not None else "")
-        hints.append(f"{file_name} is Keras' ImageNet file for {built} at {size} px: train candidate "
-                     f"transfer_{arch} with train.candidate_options {{transfer_{arch}: {{{inline}}}}}")
-    return "".join(f". {hint}" for hint in hints)
+        width, alpha_option = (f" alpha {alpha}", f"alpha: {alpha}, ") if alpha is not None else ("", "")
+        hints.append(f". {file_name} is Keras' ImageNet file for {arch}{width} at {size} px: train candidate "
+                     f"transfer_{arch} with train.candidate_options "
+                     f"{{transfer_{arch}: {{{alpha_option}image_size: {size}}}}}")
+    return "".join(hints)
 
 
 def build_backbone(
